@@ -1,0 +1,225 @@
+"""The prepared dataset layout that every dataset (synthetic, PanNuke, CoNIC, CytoDArk0, user folders)
+is converted into, and that bundles read.
+
+```
+<root>/
+  dataset.json     DatasetInfo: class names, magnification, mpp, minimum cell size, empty-image policy
+  manifest.csv     one row per tile: id, image, label, classes, tissue, split, (more split columns)
+  images/<id>.png  RGB uint8
+  labels/<id>.tif  int32 instance map (0 = background, 1..N)
+  classes/<id>.tif uint8 per-pixel class map (0 = background, 1..C)
+```
+
+A folder is written under a temporary name and renamed into place only when complete, so a failed
+conversion never leaves a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from cellgap.magnification import MagnificationProfile, profile_for
+
+MANIFEST = "manifest.csv"
+INFO = "dataset.json"
+BASE_COLUMNS = ("id", "image", "label", "classes", "tissue", "split")
+SPLITS = ("train", "val", "test")
+EMPTY_POLICIES = ("skip", "nan")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts that travel with a dataset and reach targets, post-processing and metrics."""
+
+    name: str
+    class_names: tuple[str, ...]
+    magnification: int
+    mpp: float
+    min_cell_size: int | None = None  # None: the magnification profile's default
+    empty_policy: str = "skip"  # images without GT cells: "skip" (CISCA) or "nan" (PanNuke)
+    tissue_label: str = "tissue"  # what the grouping column means: tissue, brain area, cohort
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.class_names:
+            raise ValueError(f"dataset {self.name!r}: class_names must name at least one cell class")
+        if self.empty_policy not in EMPTY_POLICIES:
+            raise ValueError(f"dataset {self.name!r}: empty_policy must be one of {EMPTY_POLICIES}, got {self.empty_policy!r}")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of cell classes, background excluded."""
+        return len(self.class_names)
+
+    @property
+    def profile(self) -> MagnificationProfile:
+        return profile_for(mpp=self.mpp)
+
+    @property
+    def cell_size(self) -> int:
+        """Minimum cell size (pixels) of post-processing."""
+        return self.min_cell_size if self.min_cell_size is not None else self.profile.default_min_cell_size
+
+    @property
+    def detection_radius(self) -> float:
+        return self.profile.detection_radius
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "dataset.json") -> DatasetInfo:
+        required = ("name", "class_names", "magnification", "mpp")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {missing}; expected at least {list(required)}")
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see either the old or the complete new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_dataset_info(root: str | os.PathLike) -> DatasetInfo:
+    path = Path(root) / INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no dataset description; is {root} a prepared cellgap dataset?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return DatasetInfo.from_json(data, source=str(path))
+
+
+def read_manifest(root: str | os.PathLike) -> list[dict]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; is {root} a prepared cellgap dataset?")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in BASE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; expected {list(BASE_COLUMNS)}")
+        return list(reader)
+
+
+def datalist(root: str | os.PathLike, split: str | None = None, split_column: str = "split") -> list[dict]:
+    """Items of a prepared dataset for MONAI datasets: dicts with absolute ``image``, ``label`` and
+    ``classes`` paths plus ``id`` and ``tissue``.  ``split=None`` returns every tile."""
+    root = Path(root)
+    rows = read_manifest(root)
+    if rows and split_column not in rows[0]:
+        raise ValueError(f"{root / MANIFEST}: no split column {split_column!r}; columns are {list(rows[0])}")
+    items = []
+    for row in rows:
+        if split is not None and row[split_column] != split:
+            continue
+        item = {"id": row["id"], "tissue": row["tissue"], "image": str(root / row["image"]), "label": str(root / row["label"])}
+        item["classes"] = str(root / row["classes"]) if row["classes"] else ""
+        items.append(item)
+    if split is not None and not items:
+        values = sorted({r[split_column] for r in rows})
+        raise ValueError(f"{root / MANIFEST}: no tile has {split_column} == {split!r}; values present: {values}")
+    return items
+
+
+def check_tile(image: np.ndarray, label: np.ndarray, classes: np.ndarray | None, where: str, num_classes: int | None = None) -> None:
+    """Raise a ValueError naming ``where`` if a tile is not RGB uint8 + integer instance map (+ class map)."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{where}: image must be H×W×3 RGB, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{where}: image must be 8-bit (uint8), got {image.dtype}")
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"{where}: instance map shape {label.shape} does not match image {image.shape[:2]}")
+    if not np.issubdtype(label.dtype, np.integer):
+        raise ValueError(f"{where}: instance map must hold integers (0 = background, 1..N = cells), got {label.dtype}")
+    if label.size and label.min() < 0:
+        raise ValueError(f"{where}: instance map has negative ids (min {label.min()})")
+    if classes is not None:
+        if classes.shape != label.shape:
+            raise ValueError(f"{where}: class map shape {classes.shape} does not match instance map {label.shape}")
+        if not np.issubdtype(classes.dtype, np.integer):
+            raise ValueError(f"{where}: class map must hold integers, got {classes.dtype}")
+        if classes.size and (classes.min() < 0 or (num_classes is not None and classes.max() > num_classes)):
+            raise ValueError(f"{where}: class ids must lie in 0..{num_classes}, found {classes.min()}..{classes.max()}")
+
+
+class PreparedWriter:
+    """Write a prepared dataset atomically: ``with PreparedWriter(root, info) as w: w.add(...)``.
+
+    Tiles go to ``<root>.partial``; on success the folder is renamed to ``root`` (replacing nothing:
+    an existing ``root`` is an error unless ``overwrite``).  On failure the partial folder is removed.
+    """
+
+    def __init__(self, root: str | os.PathLike, info: DatasetInfo, overwrite: bool = False, extra_columns: tuple[str, ...] = ()):
+        self.root = Path(root)
+        self.info = info
+        self.overwrite = overwrite
+        self.columns = BASE_COLUMNS + tuple(c for c in extra_columns if c not in BASE_COLUMNS)
+        self.partial = self.root.with_name(self.root.name + ".partial")
+        self.rows: list[dict] = []
+        self._ids: set[str] = set()
+
+    def __enter__(self) -> PreparedWriter:
+        if self.root.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.root}: already exists; remove it or pass overwrite=True")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        for sub in ("images", "labels", "classes"):
+            (self.partial / sub).mkdir(parents=True)
+        return self
+
+    def add(self, tile_id: str, image: np.ndarray, label: np.ndarray, classes: np.ndarray | None = None,
+            tissue: str = "", split: str = "", **extra) -> None:
+        if tile_id in self._ids:
+            raise ValueError(f"{self.root}: duplicate tile id {tile_id!r}")
+        if "/" in tile_id or "\\" in tile_id or tile_id.startswith("."):
+            raise ValueError(f"tile id {tile_id!r}: must be a plain file name")
+        check_tile(image, label, classes, where=f"tile {tile_id!r}", num_classes=self.info.num_classes)
+        unknown = set(extra) - set(self.columns)
+        if unknown:
+            raise ValueError(f"tile {tile_id!r}: unknown manifest column(s) {sorted(unknown)}; declare them in extra_columns")
+        self._ids.add(tile_id)
+        Image.fromarray(image).save(self.partial / "images" / f"{tile_id}.png")
+        tifffile.imwrite(self.partial / "labels" / f"{tile_id}.tif", label.astype(np.int32), compression="zlib")
+        row = {"id": tile_id, "image": f"images/{tile_id}.png", "label": f"labels/{tile_id}.tif", "classes": "",
+               "tissue": tissue, "split": split, **{k: str(v) for k, v in extra.items()}}
+        if classes is not None:
+            tifffile.imwrite(self.partial / "classes" / f"{tile_id}.tif", classes.astype(np.uint8), compression="zlib")
+            row["classes"] = f"classes/{tile_id}.tif"
+        self.rows.append(row)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return
+        with open(self.partial / MANIFEST, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.columns), restval="")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (self.partial / INFO).write_text(json.dumps(self.info.to_json(), indent=2), encoding="utf-8")
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        os.replace(self.partial, self.root)
