@@ -1,0 +1,543 @@
+"""CISCA training targets from an instance map (METHOD.md §1).
+
+* :func:`contour_levels` — the 4-level "graymask4" map (§1.2): 0 boundary between touching cells,
+  1 body, 2 background, 3 gap.
+* :func:`contour_classes` — its merge into the K-class contour target (§1.3).
+* :func:`distance_maps` — the directional maps [h, v, tl, bl] (§1.4).
+* :func:`weight_mask` — the regression weight mask (§1.6).
+* :func:`class_map_from_instances`, :func:`instance_classes` — per-pixel ↔ per-instance classes.
+* :class:`CISCATargetsd` — the MONAI dictionary transform that computes all targets of a sample
+  after spatial augmentation (names from docs/contracts.md).
+
+Every magnification-dependent constant comes from a :class:`~cellgap.magnification.MagnificationProfile`.
+Everything is vectorised over instances: the cost of a tile does not grow with its number of cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from functools import lru_cache
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type, convert_to_tensor
+from scipy import ndimage as ndi
+from skimage.measure import label as connected_components
+
+from cellgap.magnification import MagnificationProfile, profile_for
+
+BOUNDARY, BODY, BACKGROUND, GAP = 0, 1, 2, 3
+CONTOUR_CLASS_COUNTS = (2, 3, 4)
+DISTANCE_MODES = ("fullrange", "tips")
+INSTANCE_CLASS_RULES = ("majority", "max")
+BACKGROUND_WEIGHT = 0.05
+# Diagonal border width of the "tips" maps, relative to the h/v border (METHOD.md §1.4).
+TIPS_DIAGONAL_FACTOR = 1.4
+# §1.2 step 8: gap components below 3 px, body and boundary components below 2 px are cleaned up.
+MIN_GAP_COMPONENT = 3
+MIN_BODY_COMPONENT = 2
+MIN_BOUNDARY_COMPONENT = 2
+
+FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
+EIGHT_CONNECTED = ndi.generate_binary_structure(2, 2)
+
+# Level → K-class index (METHOD.md §1.3); levels are 0 boundary, 1 body, 2 background, 3 gap.
+_LEVEL_TO_CLASS = {
+    2: np.array([0, 0, 1, 1], dtype=np.uint8),
+    3: np.array([0, 1, 2, 2], dtype=np.uint8),
+    4: np.array([0, 1, 2, 3], dtype=np.uint8),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _instance_map(label, name: str = "label") -> np.ndarray:
+    """Return ``label`` as a 2-D integer numpy array, or raise naming ``name`` and what was expected."""
+    if isinstance(label, torch.Tensor):
+        label = label.detach().cpu().numpy()
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (H, W) instance map, got shape {label.shape}")
+    if label.dtype == bool:
+        return label.astype(np.int32)
+    if label.dtype.kind in "iu":
+        if label.dtype.kind == "i" and label.size and label.min() < 0:
+            raise ValueError(f"{name}: expected an instance map with ids ≥ 0 (0 = background), found negative id {label.min()}")
+        return label
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)):
+            raise ValueError(f"{name}: expected an integer-valued instance map, found NaN or infinite values")
+        if not np.array_equal(label, np.round(label)):
+            raise ValueError(
+                f"{name}: expected an integer-valued instance map, found non-integer values (e.g. interpolated labels)"
+            )
+        if label.size and label.min() < 0:
+            raise ValueError(f"{name}: expected an instance map with ids ≥ 0 (0 = background), found negative id {label.min()}")
+        return label.astype(np.int64)
+    raise TypeError(f"{name}: expected an integer instance map, got dtype {label.dtype}")
+
+
+def _compact_ids(label: np.ndarray) -> tuple[np.ndarray, int]:
+    """Map the ids of ``label`` to a small non-negative range, so that per-id arrays stay short.
+
+    Returns (map with ids in 0..n, n). Consecutive maps (the usual case) pass through unchanged.
+    """
+    top = int(label.max()) if label.size else 0
+    if top <= 4 * label.size + 16:
+        return label, top
+    ids, inverse = np.unique(label, return_inverse=True)
+    if ids[0] != 0:
+        inverse = inverse + 1
+    inverse = inverse.reshape(label.shape)
+    return inverse, int(inverse.max())
+
+
+# --------------------------------------------------------------------------------------------
+# Morphology with structuring elements decomposed into rectangles
+
+
+@lru_cache(maxsize=64)
+def _rectangles_of(shape: tuple[int, int], bits: bytes) -> tuple[tuple[int, int], ...] | None:
+    footprint = np.frombuffer(bits, dtype=bool).reshape(shape)
+    height, width = shape
+    if height % 2 == 0 or width % 2 == 0:
+        return None
+    widths = footprint.sum(axis=1)
+    sizes = set()
+    for w in sorted(set(widths.tolist()) - {0}):
+        rows = np.flatnonzero(widths >= w)
+        sizes.add((int(rows.size), int(w)))
+    union = np.zeros_like(footprint)
+    for h, w in sizes:
+        r0, c0 = (height - h) // 2, (width - w) // 2
+        union[r0 : r0 + h, c0 : c0 + w] = True
+    return tuple(sorted(sizes)) if np.array_equal(union, footprint) else None
+
+
+def _rectangles(footprint: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """Centred rectangles whose union is ``footprint`` (None if it is not such a union).
+
+    All structuring elements of the method (squares, crosses, diamonds, disks) are unions of a few
+    centred rectangles, and a max/min filter over a union is the max/min over the rectangles. Each
+    rectangle filter is separable with O(1) work per pixel in scipy, whereas a footprint filter
+    costs O(|SE|) per pixel.
+    """
+    footprint = np.ascontiguousarray(footprint, dtype=bool)
+    return _rectangles_of(footprint.shape, footprint.tobytes())
+
+
+def _rank_filter(image: np.ndarray, footprint: np.ndarray, maximum: bool, mode: str, cval=0) -> np.ndarray:
+    rank = ndi.maximum_filter if maximum else ndi.minimum_filter
+    combine = np.maximum if maximum else np.minimum
+    rectangles = _rectangles(footprint)
+    if rectangles is None:
+        return rank(image, footprint=footprint, mode=mode, cval=cval)
+    out = None
+    for size in rectangles:
+        filtered = rank(image, size=size, mode=mode, cval=cval)
+        out = filtered if out is None else combine(out, filtered, out=out)
+    return out
+
+
+def _dilate(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Binary dilation; nothing enters from outside the image."""
+    return _rank_filter(mask.view(np.uint8), footprint, True, "constant", 0).view(bool)
+
+
+def _erode(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Binary erosion; the image border does not erode (as skimage's binary_erosion)."""
+    return _rank_filter(mask.view(np.uint8), footprint, False, "constant", 1).view(bool)
+
+
+def _components_below(mask: np.ndarray, size: int, structure: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` whose connected component has fewer than ``size`` pixels."""
+    components, count = ndi.label(mask, structure=structure)
+    if count == 0:
+        return np.zeros_like(mask)
+    small = np.bincount(components.ravel(), minlength=count + 1) < size
+    small[0] = False
+    return small[components]
+
+
+def _fill_holes(mask: np.ndarray, max_area: int) -> np.ndarray:
+    """Fill 4-connected holes of area < ``max_area`` (skimage ``remove_small_holes`` semantics:
+    any small component of the complement counts, also one that touches the image border)."""
+    return mask | _components_below(~mask, max_area, FOUR_CONNECTED)
+
+
+def _touching(label: np.ndarray, foreground: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Foreground pixels with a *different* instance inside their ``footprint`` neighbourhood.
+
+    Equal to summing per-instance dilations and taking ``> 1`` on the foreground (§1.2 step 3),
+    but without a loop over instances: the neighbourhood holds another id exactly when its
+    maximum id (background 0) or its minimum id (background +inf) differs from the pixel's own.
+    """
+    highest = _rank_filter(label, footprint, True, "constant", 0)
+    background_high = np.where(foreground, label, np.iinfo(label.dtype).max)
+    lowest = _rank_filter(background_high, footprint, False, "constant", np.iinfo(label.dtype).max)
+    return foreground & (highest != lowest)
+
+
+def _small_id_dtype(label: np.ndarray) -> np.ndarray:
+    top = int(label.max()) if label.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top < np.iinfo(dtype).max:
+            return label.astype(dtype, copy=False)
+    return label.astype(np.uint64, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Contour target
+
+
+def contour_levels(label: np.ndarray, profile: MagnificationProfile) -> np.ndarray:
+    """The 4-level contour map ("graymask4") of METHOD.md §1.2.
+
+    Args:
+        label: (H, W) instance map, 0 = background, 1..N cells (any ids ≥ 0).
+        profile: magnification profile giving the structuring elements, fragment sizes and hole area.
+
+    Returns:
+        (H, W) uint8 with 0 = boundary between touching (or nearly touching) cells, 1 = body,
+        2 = background, 3 = gap (narrow background between close cells, small concavities).
+        Computed on the array given (no tiling, METHOD.md §10.16).
+    """
+    label = _small_id_dtype(_instance_map(label))
+    foreground = label > 0
+    background = ~foreground
+    hole_area = profile.max_hole_area
+
+    # Step 2: gaps = background filled by a grey closing of the label image. For the test "J > 0"
+    # this equals a binary closing of the foreground (flat morphology commutes with thresholding);
+    # reflect mode at the border as skimage's grey closing.
+    fg8 = foreground.view(np.uint8)
+    closed = _rank_filter(_rank_filter(fg8, profile.se_gap, True, "reflect"), profile.se_gap, False, "reflect")
+    levels = np.full(label.shape, BODY, dtype=np.uint8)
+    levels[background] = BACKGROUND
+    levels[background & closed.view(bool)] = GAP
+
+    # Steps 3-4: touching cells, then small holes filled.
+    boundary = _fill_holes(_touching(label, foreground, profile.se_boundary), hole_area)
+    boundary_large = _fill_holes(_touching(label, foreground, profile.se_boundary_large), hole_area)
+
+    # Step 5: thicken small fragments (and the filled holes outside the cells) into the cells.
+    for min_size, footprint in (
+        (profile.fragment_size_1, profile.se_fragment_1),
+        (profile.fragment_size_2, profile.se_fragment_2),
+    ):
+        kept = boundary & foreground & ~_components_below(boundary & foreground, min_size, FOUR_CONNECTED)
+        small = boundary & ~kept
+        boundary = _fill_holes(boundary | (_dilate(small, footprint) & foreground), hole_area)
+    levels[boundary] = BOUNDARY
+
+    # Step 7: near-contact regions so thin that they vanish under erosion (reconstruction by
+    # dilation with skimage's default 8-connectivity keeps every component that keeps a pixel).
+    eroded = _erode(boundary_large, profile.se_thin)
+    components, count = ndi.label(boundary_large, structure=EIGHT_CONNECTED)
+    if count:
+        survives = np.zeros(count + 1, dtype=bool)
+        survives[components[eroded]] = True
+        levels[boundary_large & ~survives[components]] = BOUNDARY
+
+    # Step 8: clean-up, in order.
+    small_gap = _components_below(levels == GAP, MIN_GAP_COMPONENT, FOUR_CONNECTED)
+    levels[small_gap & _dilate(levels == BOUNDARY, profile.se_boundary)] = BOUNDARY
+    small_body = _components_below(levels == BODY, MIN_BODY_COMPONENT, FOUR_CONNECTED)
+    levels[small_body & _dilate(levels == BOUNDARY, profile.se_boundary)] = BOUNDARY
+    levels[_components_below(levels == BOUNDARY, MIN_BOUNDARY_COMPONENT, EIGHT_CONNECTED)] = BODY
+    return levels
+
+
+def contour_classes(levels: np.ndarray, num_contour_classes: int = 3) -> np.ndarray:
+    """Merge the 4-level map into the K-class index map (METHOD.md §1.3).
+
+    K=3: 0 boundary, 1 body, 2 background + gap. K=2: 0 foreground (boundary + body),
+    1 background + gap. K=4: the levels unchanged.
+    """
+    if num_contour_classes not in _LEVEL_TO_CLASS:
+        raise ValueError(f"num_contour_classes: expected one of {CONTOUR_CLASS_COUNTS}, got {num_contour_classes!r}")
+    levels = np.asarray(levels)
+    if levels.dtype.kind not in "iu" or (levels.size and (levels.min() < 0 or levels.max() > GAP)):
+        raise ValueError(f"levels: expected an integer map with values in 0..3 (contour_levels output), got dtype {levels.dtype}")
+    return _LEVEL_TO_CLASS[num_contour_classes][levels]
+
+
+# --------------------------------------------------------------------------------------------
+# Directional distance maps
+
+
+def _normalised(value: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Map ``value`` from [low, high] to [-1, 1]; -1 where the range is empty."""
+    span = high - low
+    return np.where(span > 0, 2.0 * (value - low) / np.maximum(span, 1) - 1.0, -1.0)
+
+
+def _tips_profile(offset: np.ndarray, extent: np.ndarray, border: int) -> np.ndarray:
+    """h/v of the tips maps: a ramp over the first and last ``border`` rows/columns, 0 between."""
+    d = np.where(
+        offset < border,
+        offset / (2 * border),
+        np.where(offset >= extent - border, (border + 1 + offset - (extent - border)) / (2 * border), 0.5),
+    )
+    tips = 2.0 * d - 1.0
+    return np.where(extent > 2 * border, tips, _normalised(offset, 0, extent - 1))
+
+
+def _tips_diagonal(s: np.ndarray, low: np.ndarray, high: np.ndarray, border: float) -> np.ndarray:
+    """Diagonal of the tips maps: a ramp over ``border`` at each end of the s-range, flat between.
+
+    d runs 0..2·border and both ends are attained by the instance, so its min–max normalisation
+    is d / (2·border).
+    """
+    d = np.where(s <= low + border, s - low, np.where(s >= high - border, s - high + 2 * border, border))
+    return np.where(high - low > 2 * border, d / border - 1.0, _normalised(s, low, high))
+
+
+def distance_maps(label: np.ndarray, mode: str = "fullrange", profile: MagnificationProfile | None = None) -> np.ndarray:
+    """Directional maps [h, v, tl, bl] of METHOD.md §1.4, float32 (4, H, W).
+
+    Per instance, h runs linearly from -1 (leftmost column) to +1 (rightmost), v from -1 (top
+    row) to +1 (bottom), tl along row+col and bl along col-row, each normalised to exactly
+    [-1, 1] over the instance's own pixels. Instances whose bounding box is 1 px high or wide are
+    0 in all four maps; a diagonal with a single value of row±col is -1; background is 0.
+
+    Args:
+        label: (H, W) instance map.
+        mode: "fullrange" (default, METHOD.md §10.1) or "tips", the reference's on-the-fly
+            training variant: h/v ramp only over the first and last ``profile.tips_border``
+            rows/columns of instances wider than twice that, diagonals likewise with 1.4× the
+            border. The two agree for nuclei-sized cells.
+        profile: magnification profile; needed for ``mode="tips"``.
+    """
+    if mode not in DISTANCE_MODES:
+        raise ValueError(f"mode: expected one of {DISTANCE_MODES}, got {mode!r}")
+    if mode == "tips" and profile is None:
+        raise ValueError("profile: mode='tips' needs a MagnificationProfile for its border width (profile.tips_border)")
+    label, count = _compact_ids(_instance_map(label))
+    maps = np.zeros((4, *label.shape), dtype=np.float32)
+    rows, cols = np.nonzero(label)
+    if rows.size == 0:
+        return maps
+    ids = label[rows, cols]
+    coordinates = (cols, rows, rows + cols, cols - rows)  # h, v, tl, bl
+    lows, highs = [], []
+    for coordinate in coordinates:
+        low = np.full(count + 1, np.iinfo(np.intp).max, dtype=np.intp)
+        high = np.full(count + 1, np.iinfo(np.intp).min, dtype=np.intp)
+        np.minimum.at(low, ids, coordinate)
+        np.maximum.at(high, ids, coordinate)
+        lows.append(low[ids])
+        highs.append(high[ids])
+    # Bounding box 1 px high or wide: the instance is skipped.
+    kept = (highs[0] > lows[0]) & (highs[1] > lows[1])
+    rows, cols, ids = rows[kept], cols[kept], ids[kept]
+    coordinates = [c[kept] for c in coordinates]
+    lows = [low[kept] for low in lows]
+    highs = [high[kept] for high in highs]
+    if mode == "fullrange":
+        values = [_normalised(c, lo, hi) for c, lo, hi in zip(coordinates, lows, highs)]
+    else:
+        border = profile.tips_border
+        values = [_tips_profile(c - lo, hi - lo + 1, border) for c, lo, hi in zip(coordinates[:2], lows[:2], highs[:2])]
+        values += [
+            _tips_diagonal(c, lo, hi, TIPS_DIAGONAL_FACTOR * border) for c, lo, hi in zip(coordinates[2:], lows[2:], highs[2:])
+        ]
+    for channel, value in enumerate(values):
+        maps[channel, rows, cols] = value
+    return maps
+
+
+# --------------------------------------------------------------------------------------------
+# Weight mask and classes
+
+
+def weight_mask(label: np.ndarray, radius: int = 6) -> np.ndarray:
+    """Regression weight mask of METHOD.md §1.6, float32 (H, W): 1.0 on cells and within
+    ``radius`` px (Euclidean disk dilation) of any cell, 0.05 elsewhere."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ValueError(f"radius: expected an integer ≥ 0 (pixels), got {radius!r}")
+    foreground = _instance_map(label) > 0
+    offsets = np.arange(-radius, radius + 1)
+    disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
+    near = _dilate(foreground, disk)
+    return np.where(near, np.float32(1.0), np.float32(BACKGROUND_WEIGHT)).astype(np.float32)
+
+
+def class_map_from_instances(label: np.ndarray, classes_by_id: Mapping[int, int]) -> np.ndarray:
+    """Per-pixel class map (uint8, 0 = background) painting each instance with its class.
+
+    Every instance id of ``label`` must be in ``classes_by_id``; ids of the mapping absent from
+    ``label`` are ignored. Classes must lie in 0..255.
+    """
+    label = _instance_map(label)
+    present = np.unique(label)
+    present = present[present > 0]
+    missing = [int(i) for i in present if int(i) not in classes_by_id]
+    if missing:
+        raise ValueError(f"classes_by_id: no class for instance ids {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    classes = np.zeros(present.size + 1, dtype=np.int64)
+    for position, instance in enumerate(present, start=1):
+        value = classes_by_id[int(instance)]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 255:
+            raise ValueError(f"classes_by_id[{int(instance)}]: expected a class id in 0..255, got {value!r}")
+        classes[position] = value
+    positions = np.searchsorted(present, label)  # background 0 → 0 (all present ids are > 0)
+    positions = np.where(label > 0, positions + 1, 0)
+    return classes[positions].astype(np.uint8)
+
+
+def instance_classes(label: np.ndarray, class_map: np.ndarray, rule: str = "majority") -> dict[int, int]:
+    """Class of each instance of ``label`` from a per-pixel ``class_map`` (0 = background).
+
+    rule="majority": the class held by most of the instance's pixels, ties to the lower class id;
+    background-class pixels do not vote, an instance without any classed pixel gets 0.
+    rule="max": the largest class id inside the instance (the F1 convention of METHOD.md §10.13).
+    """
+    if rule not in INSTANCE_CLASS_RULES:
+        raise ValueError(f"rule: expected one of {INSTANCE_CLASS_RULES}, got {rule!r}")
+    label = _instance_map(label)
+    class_map = _instance_map(class_map, "class_map")
+    if class_map.shape != label.shape:
+        raise ValueError(f"class_map: expected the shape of label {label.shape}, got {class_map.shape}")
+    ids, compact = np.unique(label, return_inverse=True)
+    compact = compact.reshape(label.shape)
+    if ids.size == 0 or (ids.size == 1 and ids[0] == 0):
+        return {}
+    count = ids.size
+    inside = label > 0
+    members = compact[inside]
+    member_classes = class_map[inside].astype(np.int64)
+    if rule == "max":
+        best = np.zeros(count, dtype=np.int64)
+        np.maximum.at(best, members, member_classes)
+    else:
+        num_classes = int(class_map.max()) + 1
+        votes = np.bincount(members * num_classes + member_classes, minlength=count * num_classes)
+        votes = votes.reshape(count, num_classes)
+        votes[:, 0] = 0  # background-class pixels do not vote
+        best = np.where(votes.any(axis=1), votes.argmax(axis=1), 0)
+    return {int(i): int(c) for i, c in zip(ids, best) if i > 0}
+
+
+# --------------------------------------------------------------------------------------------
+# MONAI dictionary transform
+
+
+def _channel_map(value, key: str) -> np.ndarray:
+    """(1, H, W) tensor/array → (H, W) numpy, with a message naming ``key`` otherwise."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim != 3 or array.shape[0] != 1:
+        raise ValueError(f"{key}: expected a (1, H, W) map, got shape {tuple(array.shape)}")
+    return _instance_map(array[0], key)
+
+
+class CISCATargetsd(MapTransform):
+    """Compute every CISCA training target of a sample from its instance (and class) map.
+
+    Run it after all spatial augmentation and cropping. Reads ``label`` ((1, H, W) instance map,
+    float with integral values accepted as LoadImaged gives them) and, if present, ``classes``
+    ((1, H, W) class map). Adds ``contour_target`` (1, H, W) int64, ``distance_target`` (4, H, W)
+    float32, ``weight_mask`` (1, H, W) float32 and ``type_target`` (1, H, W) int64 as torch
+    tensors (MetaTensors carrying the label's metadata when the label is one).
+
+    Args:
+        label_key, class_key: keys of the instance map and of the per-pixel class map. A missing
+            or empty class map means a single-class dataset: type_target = label > 0.
+        magnification, mpp: give one; chooses the magnification profile (``profile_for``).
+        num_contour_classes: K of the contour target (2, 3 or 4).
+        distance_mode: "fullrange" (default) or "tips" (see :func:`distance_maps`).
+        weight_radius: radius in px of the weight-mask dilation.
+        relabel: relabel 8-connected components first and write the result back to ``label``:
+            after a crop or an elastic deformation an instance can fall apart (METHOD.md §1.4, §7).
+        num_classes: if given, class ids above it raise a ValueError.
+    """
+
+    def __init__(
+        self,
+        label_key: str = "label",
+        class_key: str = "classes",
+        magnification: float | str | None = None,
+        mpp: float | None = None,
+        num_contour_classes: int = 3,
+        distance_mode: str = "fullrange",
+        weight_radius: int = 6,
+        relabel: bool = True,
+        num_classes: int | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys=[label_key], allow_missing_keys=allow_missing_keys)
+        if num_contour_classes not in CONTOUR_CLASS_COUNTS:
+            raise ValueError(f"num_contour_classes: expected one of {CONTOUR_CLASS_COUNTS}, got {num_contour_classes!r}")
+        if distance_mode not in DISTANCE_MODES:
+            raise ValueError(f"distance_mode: expected one of {DISTANCE_MODES}, got {distance_mode!r}")
+        if isinstance(weight_radius, bool) or not isinstance(weight_radius, (int, np.integer)) or weight_radius < 0:
+            raise ValueError(f"weight_radius: expected an integer ≥ 0 (pixels), got {weight_radius!r}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1
+        ):
+            raise ValueError(f"num_classes: expected a positive integer or None, got {num_classes!r}")
+        self.label_key = label_key
+        self.class_key = class_key
+        self.profile = profile_for(magnification=magnification, mpp=mpp)
+        self.num_contour_classes = num_contour_classes
+        self.distance_mode = distance_mode
+        self.weight_radius = int(weight_radius)
+        self.relabel = relabel
+        self.num_classes = num_classes
+
+    def _class_map(self, data: Mapping, label: np.ndarray) -> np.ndarray:
+        value = data.get(self.class_key)
+        if value is None or (hasattr(value, "numel") and value.numel() == 0) or np.size(value) == 0:
+            return (label > 0).astype(np.int64)
+        classes = _channel_map(value, self.class_key)
+        if classes.shape != label.shape:
+            raise ValueError(
+                f"{self.class_key}: expected the shape of {self.label_key} (1, {label.shape[0]}, {label.shape[1]}), got (1, {classes.shape[0]}, {classes.shape[1]})"
+            )
+        if self.num_classes is not None and classes.size and classes.max() > self.num_classes:
+            raise ValueError(
+                f"{self.class_key}: expected class ids in 0..{self.num_classes} (num_classes), found {int(classes.max())}"
+            )
+        return classes.astype(np.int64, copy=False)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = d[key]
+            label = _channel_map(source, key)
+            if self.relabel:
+                label = connected_components(label, background=0, connectivity=2).astype(np.int32, copy=False)
+                d[key] = _like(label[None], source, torch.int32)
+            classes = self._class_map(d, label)
+            levels = contour_levels(label, self.profile)
+            d["contour_target"] = _like(contour_classes(levels, self.num_contour_classes)[None], source, torch.int64)
+            d["distance_target"] = _like(distance_maps(label, self.distance_mode, self.profile), source, torch.float32)
+            d["weight_mask"] = _like(weight_mask(label, self.weight_radius)[None], source, torch.float32)
+            d["type_target"] = _like(classes[None], source, torch.int64)
+        return d
+
+
+def _like(array: np.ndarray, reference, dtype: torch.dtype) -> torch.Tensor:
+    """Torch tensor of ``array``; a MetaTensor with the reference's metadata if it is one."""
+    if isinstance(reference, MetaTensor):
+        return convert_to_dst_type(array, reference, dtype=dtype)[0]
+    return convert_to_tensor(array, dtype=dtype, track_meta=False)
+
+
+__all__ = [
+    "BACKGROUND",
+    "BODY",
+    "BOUNDARY",
+    "GAP",
+    "CISCATargetsd",
+    "class_map_from_instances",
+    "contour_classes",
+    "contour_levels",
+    "distance_maps",
+    "instance_classes",
+    "weight_mask",
+]
