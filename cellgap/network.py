@@ -1,0 +1,56 @@
+"""The network every bundle trains: a frozen encoder joined to the shared CISCA decoder."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from cellgap.decoder import CISCADecoder
+from cellgap.encoders import EncoderSpec, FrozenEncoder
+
+INPUT_MULTIPLE = 32  # the decoder's deepest level is at stride 32
+
+
+class CellGapNet(nn.Module):
+    """Frozen encoder + trainable CISCA decoder.
+
+    Input (B,3,H,W) RGB in [0,1], H and W multiples of 32.  Output dict of full-resolution maps:
+    ``contour`` (B,K,H,W) logits, ``distance`` (B,4,H,W), ``type`` (B,C+1,H,W) logits (absent when C == 1).
+
+    Only ``decoder`` has trainable parameters; checkpoints need only ``decoder.state_dict()``.
+    ``encoder_weights``: "hub", a local folder/file, or None with ``allow_random_encoder=True`` (demo only).
+    """
+
+    def __init__(self, encoder: str | EncoderSpec = "convnext_b_22k", num_classes: int = 1,
+                 encoder_weights: str | os.PathLike | None = "hub", allow_random_encoder: bool = False,
+                 reduced_encoder: bool = False, num_contour_classes: int = 3, num_distance_maps: int = 4,
+                 decoder: dict | None = None):
+        super().__init__()
+        self.encoder = FrozenEncoder(encoder, weights=encoder_weights, allow_random=allow_random_encoder, reduced=reduced_encoder)
+        self.decoder = CISCADecoder(self.encoder.channels, self.encoder.reductions, num_classes=num_classes,
+                                    num_contour_classes=num_contour_classes, num_distance_maps=num_distance_maps,
+                                    **(decoder or {}))
+        self.num_classes = num_classes
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"network input: expected a (B,3,H,W) RGB tensor, got {getattr(x, 'shape', type(x))}")
+        if not x.is_floating_point():
+            raise ValueError(f"network input: expected floating point RGB scaled to [0,1], got {x.dtype}")
+        h, w = x.shape[-2:]
+        if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
+            raise ValueError(f"network input: height and width must be multiples of {INPUT_MULTIPLE}, got {h}×{w}; "
+                             f"pad the image or use a sliding-window inferer with a 256×256 window")
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen encoder's four maps (what the embedding cache stores)."""
+        self.check_input(x)
+        return self.encoder(x)
+
+    def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.decoder(x, features)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decode(x, self.forward_features(x))
