@@ -1,0 +1,273 @@
+"""The user's own annotated tiles, from a folder::
+
+    <raw>/images/<name>.png|.tif|.tiff          8-bit RGB
+    <raw>/labels/<name>.tif|.tiff|.png|.nii|.nii.gz   instance map (0 = background, one id per cell)
+    <raw>/classes/<name>.tif|.png|.nii.gz       optional per-pixel class map 0..C, or
+    <raw>/classes/<name>.csv                    optional per-instance classes:
+                                                ``instance_id,class`` (1..C) or ``instance_id,class_name``
+    <raw>/split.csv                             optional: ``id,split[,tissue]`` (train/val/test)
+    <raw>/cellgap.json                          optional facts: name, class_names, magnification, mpp,
+                                                min_cell_size, empty_policy (arguments override it)
+
+Without ``classes/`` the dataset has one class.  Without a split file a seeded split is generated
+(the CISCA procedure: 80/20 then 90/10, stratified by tissue when a tissue is given).  Images
+larger than the network tile are kept whole (training takes random crops); ``tile_size`` adds
+non-overlapping tiles for validation/test as for CytoDArk0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cellgap.data import splits as splitting
+from cellgap.data.native import (
+    IMAGE_SUFFIXES,
+    LABEL_SUFFIXES,
+    add_tiles,
+    check_instance_map,
+    class_counts,
+    read_label_image,
+    read_rgb,
+    sequential,
+    strip_suffix,
+    tiles,
+)
+from cellgap.data.prepared import EMPTY_POLICIES, DatasetInfo, PreparedWriter
+
+NAME = "folder"
+CONFIG = "cellgap.json"
+DEFAULT_CLASS_NAMES = ("cell",)
+
+
+def _files_by_name(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.lower().endswith(tuple(suffixes)) and not path.name.startswith("."):
+            name = strip_suffix(path.name)
+            if name in out:
+                raise ValueError(f"{folder}: two {what} for {name!r}: {out[name].name} and {path.name}; keep one")
+            out[name] = path
+    return out
+
+
+def read_config(raw_dir: Path, overrides: dict) -> dict:
+    """Facts from ``<raw>/cellgap.json`` (if present) updated by explicit arguments that are not None."""
+    path = raw_dir / CONFIG
+    config: dict = {}
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a JSON object with class_names, magnification or mpp, ...")
+        known = {"name", "class_names", "magnification", "mpp", "min_cell_size", "empty_policy", "tissue_label", "description"}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    # Magnification and pixel size describe one fact: an argument for one replaces the file's pair.
+    if ("magnification" in given) != ("mpp" in given):
+        config.pop("mpp" if "magnification" in given else "magnification", None)
+    config.update(given)
+    return config
+
+
+def dataset_info(class_names: Sequence[str] | None = None, magnification: float | None = None, mpp: float | None = None,
+                 name: str = NAME, min_cell_size: int | None = None, empty_policy: str = "skip",
+                 tissue_label: str = "tissue", description: str = "") -> DatasetInfo:
+    """Facts of a user folder.  Give ``magnification`` or ``mpp`` (or both); the other is derived
+    with the usual 40x ≈ 0.25 µm/px convention."""
+    class_names = tuple(class_names or DEFAULT_CLASS_NAMES)
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class_names: names must be distinct, got {list(class_names)}")
+    if magnification is None and mpp is None:
+        raise ValueError("magnification or mpp: give at least one (e.g. magnification=40 or mpp=0.25), "
+                         f"as an argument or in {CONFIG}; they set cell sizes and detection radii")
+    if magnification is not None:
+        try:
+            magnification = float(str(magnification).lower().rstrip("x"))
+        except ValueError:
+            raise ValueError(f"magnification: expected a number such as 20 or 40, got {magnification!r}") from None
+    if mpp is not None and not (isinstance(mpp, (int, float)) and mpp > 0):
+        raise ValueError(f"mpp: expected a positive pixel size in µm/pixel, got {mpp!r}")
+    if mpp is None:
+        mpp = 10.0 / magnification
+    if magnification is None:
+        magnification = 10.0 / mpp
+    if empty_policy not in EMPTY_POLICIES:
+        raise ValueError(f"empty_policy: expected one of {EMPTY_POLICIES}, got {empty_policy!r}")
+    mag = int(round(magnification))
+    return DatasetInfo(name=name, class_names=class_names, magnification=mag, mpp=float(mpp), min_cell_size=min_cell_size,
+                       empty_policy=empty_policy, tissue_label=tissue_label, description=description or "user folder",
+                       extra={"protocol": "given", "protocols": {}})
+
+
+def _classes_from_csv(path: Path, label: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """Paint a class map from ``instance_id,class`` or ``instance_id,class_name`` rows."""
+    lookup = {n: i + 1 for i, n in enumerate(class_names)}
+    lookup_lower = {n.lower(): i for n, i in lookup.items()}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if "instance_id" not in header or not ({"class", "class_name"} & set(header)):
+            raise ValueError(f"{path}: expected columns instance_id and class (1..{len(class_names)}) or class_name, got {header}")
+        by_id: dict[int, int] = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            try:
+                instance = int(row["instance_id"])
+            except ValueError:
+                raise ValueError(f"{path}, row {line}: instance_id {row['instance_id']!r} is not an integer") from None
+            if "class" in row and row["class"]:
+                try:
+                    value = int(row["class"])
+                except ValueError:
+                    raise ValueError(f"{path}, row {line}: class {row['class']!r} is not an integer 1..{len(class_names)}") from None
+                if not 1 <= value <= len(class_names):
+                    raise ValueError(f"{path}, row {line}: unknown class id {value}; expected 1..{len(class_names)} "
+                                     f"({', '.join(class_names)})")
+            else:
+                text = row.get("class_name", "")
+                value = lookup.get(text) or lookup_lower.get(text.lower())
+                if value is None:
+                    raise ValueError(f"{path}, row {line}: unknown class name {text!r}; expected one of {list(class_names)}")
+            if instance in by_id and by_id[instance] != value:
+                raise ValueError(f"{path}, row {line}: instance {instance} listed with two classes")
+            by_id[instance] = value
+    present = np.unique(label[label > 0])
+    missing = [int(i) for i in present if int(i) not in by_id]
+    if missing:
+        raise ValueError(f"{path}: instance(s) {missing[:5]} of the label map have no class row")
+    extra = sorted(set(by_id) - {int(i) for i in present})
+    if extra:
+        raise ValueError(f"{path}: rows for instance id(s) {extra[:5]} that are not in the label map")
+    lut = np.zeros(int(label.max()) + 1, np.uint8)
+    for instance, value in by_id.items():
+        lut[instance] = value
+    return lut[label]
+
+
+def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
+            magnification: float | None = None, mpp: float | None = None, name: str | None = None,
+            min_cell_size: int | None = None, empty_policy: str | None = None, split_csv: str | os.PathLike | None = None,
+            seed: int = splitting.CISCA_SEED, tile_size: int | None = None, overwrite: bool = False, progress: bool = True,
+            workers: int = 2) -> Path:
+    """Convert a user folder into the prepared layout at ``out_dir``; return ``out_dir``.
+
+    Every image needs a label (and a class file when ``classes/`` exists); every label and class
+    file needs an image.  ``split_csv`` (default ``<raw>/split.csv`` if present) must list every
+    image.  On any error nothing is left at ``out_dir``.
+    """
+    raw_dir = Path(raw_dir)
+    for sub in ("images", "labels"):
+        if not (raw_dir / sub).is_dir():
+            raise FileNotFoundError(f"{raw_dir / sub}: folder missing; expected {raw_dir}/images and {raw_dir}/labels")
+    config = read_config(raw_dir, {"class_names": class_names, "magnification": magnification, "mpp": mpp, "name": name,
+                                   "min_cell_size": min_cell_size, "empty_policy": empty_policy})
+    info = dataset_info(**{"name": NAME, **config})
+
+    images = _files_by_name(raw_dir / "images", IMAGE_SUFFIXES, "images")
+    labels = _files_by_name(raw_dir / "labels", LABEL_SUFFIXES, "label maps")
+    if not images:
+        raise FileNotFoundError(f"{raw_dir / 'images'}: no images (.png, .tif, .tiff)")
+    class_dir = raw_dir / "classes"
+    class_files = _files_by_name(class_dir, LABEL_SUFFIXES + (".csv",), "class files") if class_dir.is_dir() else None
+    if class_files is not None and "class_names" not in config:
+        raise ValueError(f"{class_dir}: class files given but no class names; set class_names (argument or {CONFIG})")
+    for kind, files in (("label map", labels), ("class file", class_files or {})):
+        orphans = sorted(set(files) - set(images))
+        if orphans:
+            raise ValueError(f"{raw_dir}: {kind}(s) without an image: {orphans[:5]}")
+    names = sorted(images)
+    for n in names:
+        if n not in labels:
+            raise FileNotFoundError(f"{images[n]}: no label map {raw_dir / 'labels' / n}.tif (or .tiff/.png/.nii.gz)")
+        if class_files is not None and n not in class_files:
+            raise FileNotFoundError(f"{images[n]}: no class file {class_dir / n}.tif (or .png/.csv)")
+
+    split_path = Path(split_csv) if split_csv is not None else raw_dir / "split.csv"
+    tissue = {n: "" for n in names}
+    if split_path.is_file():
+        given = splitting.read_split_csv(split_path, names)
+        split = np.array([given[n] for n in names])
+        with open(split_path, newline="", encoding="utf-8-sig") as f:
+            for row in csv.DictReader(f):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                key = next((row[k] for k in ("id", "image", "img_id", "name") if k in row), "")
+                key = strip_suffix(key) if key not in tissue else key
+                if key in tissue and row.get("tissue"):
+                    tissue[key] = row["tissue"]
+        protocol = "given"
+    elif split_csv is not None:
+        raise FileNotFoundError(f"{split_path}: split file missing")
+    else:
+        split = splitting.cisca_split([tissue[n] for n in names], seed=seed)
+        protocol = "seeded"
+    info = DatasetInfo(**{**info.to_json(), "extra": {
+        "protocol": protocol, "tile_size": tile_size,
+        "protocols": {protocol: {"column": f"split_{protocol}", "default": True, "empty_policy": info.empty_policy,
+                                 "description": f"split from {split_path.name}" if protocol == "given"
+                                 else f"seeded (seed {seed}) stratified 80/20 then 90/10"}},
+        "split_usage": "when tiled, train rows are full-size images and val/test rows are tiles"}})
+    extra_columns = ("source_file", "magnification", "mpp", "n_cells", "class_counts", "tier", "parent", "split_full",
+                     f"split_{protocol}")
+
+    def usage(s: str, is_tile: bool) -> str:
+        if tile_size is None:
+            return s
+        return s if (s in ("val", "test")) == is_tile else ""
+
+    def items():
+        for i, n in enumerate(names):
+            image = read_rgb(images[n])
+            raw_label = read_label_image(labels[n])
+            if raw_label.shape != image.shape[:2]:
+                hint = " (NIfTI stored transposed? the first axis must be rows)" if raw_label.shape == image.shape[1::-1] else ""
+                raise ValueError(f"{labels[n]}: label shape {raw_label.shape} does not match image {image.shape[:2]} "
+                                 f"({images[n]}){hint}")
+            check_instance_map(raw_label, str(labels[n]))
+            if class_files is None:
+                classes = (raw_label > 0).astype(np.uint8)
+            elif class_files[n].suffix.lower() == ".csv":
+                classes = _classes_from_csv(class_files[n], raw_label, info.class_names)
+            else:
+                classes = read_label_image(class_files[n])
+                if classes.shape != raw_label.shape:
+                    raise ValueError(f"{class_files[n]}: class map shape {classes.shape} does not match label {raw_label.shape}")
+                if classes.max() > info.num_classes:
+                    raise ValueError(f"{class_files[n]}: unknown class id {int(classes.max())}; expected 0..{info.num_classes} "
+                                     f"({', '.join(info.class_names)})")
+                classes = classes.astype(np.uint8)
+            label = sequential(raw_label)
+            common = {"tissue": tissue[n], "source_file": images[n].relative_to(raw_dir).as_posix(),
+                      "magnification": info.magnification, "mpp": info.mpp}
+            counts = class_counts(label, classes, info.num_classes)
+            yield {"tile_id": n, "image": image, "label": label, "classes": classes, "split": usage(split[i], False),
+                   "n_cells": int(label.max()), "class_counts": ";".join(str(int(x)) for x in counts), "tier": "full",
+                   "parent": "", "split_full": split[i], f"split_{protocol}": usage(split[i], False), **common}
+            if tile_size is None:
+                continue
+            label_tiles = tiles(label, tile_size, str(labels[n]))
+            class_tiles = tiles(classes, tile_size, str(labels[n]))
+            for k, image_tile in tiles(image, tile_size, str(images[n])):
+                _, lt = next(label_tiles)
+                _, ct = next(class_tiles)
+                lt = sequential(lt)
+                counts = class_counts(lt, ct, info.num_classes)
+                yield {"tile_id": f"{n}_{k}", "image": np.ascontiguousarray(image_tile), "label": lt,
+                       "classes": np.ascontiguousarray(ct), "split": usage(split[i], True), "n_cells": int(lt.max()),
+                       "class_counts": ";".join(str(int(x)) for x in counts), "tier": "tile", "parent": n, "split_full": "",
+                       f"split_{protocol}": usage(split[i], True), **common}
+
+    with PreparedWriter(out_dir, info, overwrite=overwrite, extra_columns=extra_columns) as writer:
+        add_tiles(writer, tqdm(items(), total=None if tile_size else len(names), desc=info.name, unit="tile",
+                               disable=not progress), workers=workers)
+    return Path(out_dir)
