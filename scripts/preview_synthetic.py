@@ -1,9 +1,10 @@
 """Save a preview grid of synthetic tiles with instance outlines (docs/images/synthetic_tiles.png).
 
 Top row: the tiles as generated; bottom row: the same tiles with each nucleus outlined in its class
-colour (tumour yellow, lymphocyte cyan, stromal green).
+colour (tumour yellow, lymphocyte cyan, stromal green).  The default columns are a tumour, an inflamed
+and a stroma tile at 40x, then a tumour tile at 20x.
 
-    python scripts/preview_synthetic.py [--out docs/images/synthetic_tiles.png] [--seeds 0 1 2 3] [--magnification 40]
+    python scripts/preview_synthetic.py [--out docs/images/synthetic_tiles.png] [--tiles 11:40 2:40 12:40 11:20]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cellgap.data.synthetic import generate_tile
 
 CLASS_COLOURS = np.array([[0, 0, 0], [255, 220, 0], [0, 230, 255], [40, 255, 40]], dtype=np.uint8)
 GUTTER = 4
+PALETTE_COLOURS = 128  # a palette PNG keeps the preview small enough for the repository
 
 
 def outlined(image: np.ndarray, label: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -28,11 +30,19 @@ def outlined(image: np.ndarray, label: np.ndarray, classes: np.ndarray) -> np.nd
     return out
 
 
-def preview_grid(seeds: list[int], magnification: int | str = 40, size: int = 256) -> np.ndarray:
-    tiles = [generate_tile(seed, size=size, magnification=magnification) for seed in seeds]
-    rows = [[t.image for t in tiles], [outlined(t.image, t.label, t.classes) for t in tiles]]
+def parse_tile(text: str) -> tuple[int, str]:
+    seed, _, magnification = text.partition(":")
+    try:
+        return int(seed), magnification or "40"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tile {text!r}: expected SEED or SEED:MAGNIFICATION, e.g. 11:40") from None
+
+
+def preview_grid(tiles: list[tuple[int, str]], size: int = 256) -> np.ndarray:
+    generated = [generate_tile(seed, size=size, magnification=magnification) for seed, magnification in tiles]
+    rows = [[t.image for t in generated], [outlined(t.image, t.label, t.classes) for t in generated]]
     step = size + GUTTER
-    grid = np.full((2 * step - GUTTER, len(seeds) * step - GUTTER, 3), 255, dtype=np.uint8)
+    grid = np.full((2 * step - GUTTER, len(tiles) * step - GUTTER, 3), 255, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             grid[i * step : i * step + size, j * step : j * step + size] = tile
@@ -42,13 +52,14 @@ def preview_grid(seeds: list[int], magnification: int | str = 40, size: int = 25
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/images/synthetic_tiles.png"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 2, 11, 4])
-    parser.add_argument("--magnification", default="40")
+    parser.add_argument("--tiles", type=parse_tile, nargs="+", default=[(11, "40"), (2, "40"), (12, "40"), (11, "20")],
+                        help="SEED:MAGNIFICATION per column")
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
-    grid = preview_grid(args.seeds, args.magnification, args.size)
+    grid = preview_grid(args.tiles, args.size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(args.out, optimize=True)
+    image = Image.fromarray(grid).quantize(PALETTE_COLOURS, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    image.save(args.out, optimize=True)
     print(f"{args.out}: {grid.shape[1]}×{grid.shape[0]} px, {args.out.stat().st_size / 1024:.0f} KB")
 
 

@@ -124,6 +124,31 @@ def test_touching_cells_exist(tiles_40x, tiles_20x):
     assert max(per_tile) >= 5
 
 
+def test_overlap_rules_keep_occluded_nuclei_whole_and_mostly_visible():
+    def lymphocyte(radius):
+        return synthetic._Shape(LYMPHOCYTE, radius, radius, 0.0, np.zeros(4))
+
+    layout = synthetic._Layout(128, min_interior=100, min_edge=40)
+    spindle = synthetic._Shape(STROMAL, 50.0, 3.0, 0.0, np.zeros(4))  # horizontal, rows 61..67 at its middle
+    spindle_area = layout.try_add(spindle, (64, 64), None)
+    assert spindle_area > 300
+    # A nucleus across the spindle's middle would cut it in two: refused.
+    assert layout.try_add(lymphocyte(12), (70, 64), None) == 0
+    # The same nucleus a little lower only bites its edge: accepted, drawn on top, spindle still one piece.
+    assert layout.try_add(lymphocyte(12), (76, 64), None) > 0
+    assert ndimage.label(layout.label == 1)[1] == 1
+    assert 0.65 * spindle_area <= (layout.label == 1).sum() < spindle_area
+    assert layout.label[76, 64] == 2
+
+    layout = synthetic._Layout(128, min_interior=100, min_edge=40)
+    assert layout.try_add(lymphocyte(10), (64, 64), None) > 0
+    tumour = synthetic._Shape(TUMOUR, 30.0, 20.0, 0.0, np.zeros(4))
+    assert layout.try_add(tumour, (64, 94), None) == 0  # would hide 40 % of the lymphocyte
+    assert layout.try_add(tumour, (64, 101), None) > 0  # hides a small part of it
+    assert (layout.label == 1).sum() >= 0.65 * np.pi * 10**2 * 0.95
+    assert (layout.layers == 2).any()  # the overlap, painted darker in the image
+
+
 def test_three_classes_differ_in_size_shape_colour_and_texture(tiles_40x):
     stats = {c: [] for c in (TUMOUR, LYMPHOCYTE, STROMAL)}
     for tile in tiles_40x:
@@ -260,6 +285,24 @@ def test_prepare_synthetic_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(ValueError, match="not a prepared synthetic dataset"):
         prepare_synthetic(root, **SMALL, overwrite=True)
     assert (root / "notes.txt").exists()
+
+
+def test_prepare_synthetic_regenerates_a_damaged_dataset_only_when_asked(tmp_path):
+    root = prepare_synthetic(tmp_path / "synthetic", **SMALL)
+    missing = root / datalist(root, "val")[0]["image"]
+    missing.unlink()
+    with pytest.raises(ValueError, match="incomplete or damaged"):
+        prepare_synthetic(root, **SMALL)
+    prepare_synthetic(root, **SMALL, overwrite=True)
+    assert missing.is_file()
+
+
+def test_prepare_synthetic_replaces_an_empty_folder_but_not_a_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert len(datalist(prepare_synthetic(tmp_path / "empty", **SMALL))) == 7
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a prepared synthetic dataset"):
+        prepare_synthetic(tmp_path / "file", **SMALL)
 
 
 def test_prepare_synthetic_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +63,9 @@ class _TissueKind:
 
 
 _TISSUE_KINDS = {
-    "tumour": _TissueKind(coverage=(0.25, 0.5), class_mix=(0.75, 0.1, 0.15), attach=0.8, lumen=0.7),
-    "stroma": _TissueKind(coverage=(0.05, 0.15), class_mix=(0.07, 0.18, 0.75), attach=0.25, lumen=0.5),
-    "inflamed": _TissueKind(coverage=(0.18, 0.38), class_mix=(0.12, 0.73, 0.15), attach=0.6, lumen=0.4),
+    "tumour": _TissueKind(coverage=(0.3, 0.55), class_mix=(0.75, 0.1, 0.15), attach=0.8, lumen=0.7),
+    "stroma": _TissueKind(coverage=(0.06, 0.16), class_mix=(0.07, 0.18, 0.75), attach=0.25, lumen=0.5),
+    "inflamed": _TissueKind(coverage=(0.2, 0.4), class_mix=(0.12, 0.73, 0.15), attach=0.6, lumen=0.4),
 }
 _SPARSE_PROBABILITY = 0.15  # tiles with a quarter of the usual density
 _SPARSE_FACTOR = 0.25
@@ -156,7 +155,7 @@ def _nucleus_shape(rng: np.random.Generator, cls: int, px_per_um: float, fibre_a
     if cls == TUMOUR:
         diameter, aspect, wobble = rng.uniform(10.0, 16.0), rng.uniform(1.05, 1.6), 0.07
     else:
-        diameter, aspect, wobble = rng.uniform(6.2, 7.8), rng.uniform(1.0, 1.15), 0.02
+        diameter, aspect, wobble = rng.uniform(6.2, 7.8), rng.uniform(1.0, 1.15), 0.0
     a = diameter / 2 * px_per_um
     coefficients = rng.uniform(0.0, wobble, 4) * np.exp(1j * rng.uniform(0.0, 2 * np.pi, 4))
     return _Shape(cls, a, a / aspect, rng.uniform(0.0, np.pi), coefficients)
@@ -182,6 +181,9 @@ def _rasterise(shape: _Shape, centre: tuple[float, float], size: int):
         t = along / np.float32(shape.a)
         taper = np.clip(1.0 - t * t, 0.0, None) ** 0.6
         inside = np.abs(across - np.float32(shape.bend) * (t * t - np.float32(1 / 3))) <= np.float32(shape.b) * taper
+    elif shape.cls == LYMPHOCYTE:  # no visible wobble: a plain ellipse
+        x, y = along / np.float32(shape.a), across / np.float32(shape.b)
+        inside = x * x + y * y <= 1.0
     else:
         z = (along / np.float32(shape.a)) + 1j * (across / np.float32(shape.b))
         rho = np.abs(z)
@@ -205,12 +207,25 @@ def _largest_component(rr: np.ndarray, cc: np.ndarray):
     return rr[inside], cc[inside]
 
 
+def _upsample(small: np.ndarray, step: int, size: int) -> np.ndarray:
+    """Bilinear upsampling of a (size/step)² map sampled at block centres to size², by gathers
+    (ndimage.zoom does the same several times slower)."""
+    position = (np.arange(size, dtype=np.float32) + 0.5) / step - 0.5
+    lower = np.clip(np.floor(position).astype(np.intp), 0, small.shape[0] - 1)
+    upper = np.minimum(lower + 1, small.shape[0] - 1)
+    weight = np.clip(position - lower, 0.0, 1.0).astype(np.float32)
+    rows = small[lower] * (1 - weight)[:, None] + small[upper] * weight[:, None]
+    return rows[:, lower] * (1 - weight) + rows[:, upper] * weight
+
+
 def _smooth_noise(rng: np.random.Generator, size: int, scale_px: float) -> np.ndarray:
     """Zero-mean random field of about unit variance with features of about ``scale_px`` pixels."""
     if scale_px < 4.0:
         sigma = max(scale_px / 2.0, 0.5)
-        field = ndimage.gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), sigma, truncate=3.0)
-        return field * np.float32(2.0 * math.sqrt(math.pi) * sigma)  # white noise std after a 2-D Gaussian
+        # Uniform white noise (cheaper to draw than normal; the filter makes it Gaussian anyway), scaled
+        # so that the filtered field has unit variance: white variance 1/12, 2-D Gaussian gain 1/(4πσ²).
+        field = ndimage.gaussian_filter(rng.random((size, size), dtype=np.float32) - np.float32(0.5), sigma, truncate=3.0)
+        return field * np.float32(math.sqrt(12.0) * 2.0 * math.sqrt(math.pi) * sigma)
     # Random values on a coarse lattice spread by separable Gaussian weights: far cheaper than filtering
     # full-size noise with a wide kernel.  einsum, not @: multithreaded BLAS is many times slower on
     # these small products when the machine is busy.
@@ -250,8 +265,8 @@ class _Layout:
         """Draw the shape if it fits; return the pixel area added (0 if rejected)."""
         size = self.size
         r, c = int(centre[0]), int(centre[1])
-        if 0 <= r < size and 0 <= c < size and self.label[r, c] > 0:
-            return 0  # centred on another nucleus: would hide too much of it (cheap early rejection)
+        if 0 <= r < size and 0 <= c < size and (self.label[r, c] > 0 or (lumen is not None and lumen[r, c] > 0.5)):
+            return 0  # centred on another nucleus or in a lumen: cheap early rejection
         rr, cc = _rasterise(shape, centre, size)
         if rr.size == 0 or (lumen is not None and lumen[rr, cc].mean() > 0.15):
             return 0
@@ -351,7 +366,10 @@ def _render(rng: np.random.Generator, layout: _Layout, lumen: np.ndarray | None,
     # large-scale density changes, lumen cut out.
     axis = np.arange(size, dtype=f32)
     fibres = np.zeros((size, size), dtype=f32)
-    for weight, angle in ((1.0, fibre_angle), (rng.uniform(0.0, 0.6), fibre_angle + rng.uniform(0.4, 1.2))):
+    families = [(1.0, fibre_angle)]
+    if rng.random() < 0.5:  # a second, fainter family crossing the first
+        families.append((rng.uniform(0.2, 0.6), fibre_angle + rng.uniform(0.4, 1.2)))
+    for weight, angle in families:
         frequency = f32(2 * np.pi / (rng.uniform(4.0, 9.0) * px_per_um))
         phase = np.add.outer(axis * f32(math.sin(angle)), axis * f32(math.cos(angle))) * frequency
         phase += _smooth_noise(rng, size, rng.uniform(10.0, 20.0) * px_per_um) * f32(rng.uniform(2.0, 5.0))
@@ -369,9 +387,8 @@ def _render(rng: np.random.Generator, layout: _Layout, lumen: np.ndarray | None,
 
     # Tumour nuclei sit in purplish cytoplasm (computed at a quarter of the resolution: it is smooth).
     step = 4
-    tumour = (cell_class[label[::step, ::step]] == TUMOUR).astype(f32)
-    cytoplasm = ndimage.gaussian_filter(tumour, 2.5 * px_per_um / step)
-    cytoplasm = ndimage.zoom(cytoplasm, step, order=1, grid_mode=True, mode="nearest")[:size, :size]
+    tumour = (cell_class[label[step // 2 :: step, step // 2 :: step]] == TUMOUR).astype(f32)
+    cytoplasm = _upsample(ndimage.gaussian_filter(tumour, 2.5 * px_per_um / step), step, size)
     cytoplasm = np.clip(cytoplasm * 2.5, 0.0, 1.0)
     eosin += 0.18 * cytoplasm
     haem += 0.12 * cytoplasm
@@ -407,10 +424,15 @@ def _render(rng: np.random.Generator, layout: _Layout, lumen: np.ndarray | None,
     haem = ndimage.gaussian_filter(haem, blur, truncate=3.0)
     eosin = ndimage.gaussian_filter(eosin, blur, truncate=3.0)
     h_vec, e_vec = _stain_vectors(rng)
-    white = (rng.uniform(232.0, 252.0) + rng.normal(0.0, 3.0, 3)).astype(f32)
-    image = white * np.exp(-(haem[..., None] * h_vec + eosin[..., None] * e_vec))
-    image += rng.standard_normal(image.shape, dtype=f32) * f32(rng.uniform(1.0, 5.0))
-    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    white = rng.uniform(232.0, 252.0) + rng.normal(0.0, 3.0, 3)
+    noise = f32(rng.uniform(1.0, 5.0) * math.sqrt(12.0))  # uniform noise of std 1..5 grey levels
+    image = np.empty((size, size, 3), dtype=f32)
+    for k in range(3):  # channel by channel: broadcasting over a last axis of 3 is slow
+        channel = np.exp(-(haem * h_vec[k] + eosin * e_vec[k]))
+        channel *= f32(white[k])
+        channel += (rng.random((size, size), dtype=f32) - f32(0.5)) * noise + f32(0.5)
+        image[..., k] = channel
+    return np.clip(image, 0, 255, out=image).astype(np.uint8)
 
 
 def _check_integer(name: str, value, minimum: int, what: str = "an integer", maximum: int | None = None) -> None:
@@ -502,14 +524,14 @@ def prepare_synthetic(root: str | os.PathLike, n_train: int = 240, n_val: int = 
         existing = _existing_synthetic_params(root)
         if existing == params:
             return root
-        if existing is None and any(root.iterdir()):
-            raise ValueError(f"{root}: exists and is not a prepared synthetic dataset; refusing to replace it")
-        if existing is not None and not overwrite:
-            changed = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
-            raise ValueError(f"{root}: holds a synthetic dataset made with other parameters {changed} "
-                             "(stored, requested); pass overwrite=True to regenerate it")
         if existing is None:
-            shutil.rmtree(root)  # an empty folder
+            if not root.is_dir() or any(root.iterdir()):
+                raise ValueError(f"{root}: exists and is not a prepared synthetic dataset; refusing to replace it")
+            root.rmdir()  # an empty folder
+        elif not overwrite:
+            changed = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
+            problem = f"was made with other parameters {changed} (stored, requested)" if changed else "is incomplete or damaged"
+            raise ValueError(f"{root}: holds a synthetic dataset that {problem}; pass overwrite=True to regenerate it")
 
     total = sum(counts.values())
     with PreparedWriter(root, info, overwrite=True, extra_columns=("seed",)) as writer, \
@@ -534,7 +556,7 @@ def _existing_synthetic_params(root: Path) -> dict | None:
     params = info.extra.get("synthetic") if isinstance(info.extra, dict) else None
     if not isinstance(params, dict):
         return None
-    expected = sum(int(params.get(f"n_{s}", -1)) for s in SPLITS)
+    expected = sum(params.get(f"n_{s}", 0) for s in SPLITS if isinstance(params.get(f"n_{s}"), int))
     if len(rows) != expected or not all((root / row["image"]).is_file() for row in rows):
         return {**params, "complete": False}  # damaged: never equal to requested parameters
     return params
