@@ -74,10 +74,10 @@ def write_pannuke(root: str | os.PathLike, tiles_per_fold: Sequence[int] = (8, 8
         types = np.array([tissues[i % len(tissues)] for i in range(n)])
         for i in range(n):
             label = random_instances(rng, (size, size), int(rng.integers(cells[0], cells[1] + 1)))
-            channel = rng.integers(0, 5, int(label.max()) + 1)
+            channel = rng.integers(0, 5, int(label.max()) + 1)[label]
             tile = np.zeros((size, size, 6), dtype)
-            for k in range(1, int(label.max()) + 1):
-                tile[..., channel[k]][label == k] = k  # ids unique across channels, as in the release
+            for c in range(5):
+                tile[..., c] = np.where((label > 0) & (channel == c), label, 0)  # ids unique across channels, as in the release
             if overlap_every and i % overlap_every == 0:
                 rr, cc = disk((size // 2, size // 2), max(3, size // 10), shape=(size, size))
                 tile[rr, cc, 4] = label.max() + 1  # an epithelial cell on top of whatever is there

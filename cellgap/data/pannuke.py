@@ -226,7 +226,7 @@ def _splits_for(ids: list[str], folds: np.ndarray, tissues: list[str], protocols
 
 def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, protocol: str = DEFAULT_PROTOCOL,
             folds: Sequence[int] = FOLDS, seed: int = splitting.CISCA_SEED, cisca_folds: str | os.PathLike | None = None,
-            overwrite: bool = False, progress: bool = True, chunk: int = 32, workers: int = 2) -> Path:
+            overwrite: bool = False, progress: bool = True, chunk: int = 8, workers: int = 2) -> Path:
     """Convert native PanNuke folds into the prepared layout at ``out_dir``; return ``out_dir``.
 
     ``protocol`` (``official1``/``2``/``3`` or ``cisca``) is copied into the ``split`` column and sets
