@@ -443,7 +443,9 @@ def _check_integer(name: str, value, minimum: int, what: str = "an integer", max
 
 def generate_tile(seed: int, size: int = 256, magnification: int | str = 40, tissue: str | None = None,
                   density: float | None = None) -> SyntheticTile:
-    """Generate one synthetic H&E-like tile; the same arguments always give identical arrays.
+    """Generate one synthetic H&E-like tile; the same arguments give identical arrays (all randomness
+    comes from ``np.random.default_rng(seed)``; on another CPU or numpy version, float rounding may
+    still move a rare pixel).
 
     ``tissue``: one of ``SYNTHETIC_TISSUES``, drawn from the seed if None.  ``density``: fraction of the
     tissue area covered by nuclei (0..0.8), drawn from the tissue kind's range if None (some tiles sparse).
