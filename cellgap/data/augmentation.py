@@ -1,0 +1,618 @@
+"""Training augmentation of CISCA (METHOD.md §7) as MONAI dictionary transforms.
+
+The sample keys follow docs/contracts.md: ``image`` (3, H, W) float32 in 0..255 (augment *before*
+scaling to 0..1), ``label`` (1, H, W) instance map and ``classes`` (1, H, W) class map. Geometric
+transforms move image and label maps with identical parameters (label maps by exact index moves or
+nearest sampling, never interpolated); photometric transforms touch the image only. The targets
+are recomputed afterwards from the augmented instance map by ``cellgap.targets.CISCATargetsd``.
+
+:func:`cisca_augmentations` returns the ordered pipeline of §7 (augHE / augNissl). MONAI supplies
+rotations, flips, crops, blur, noise, contrast and brightness; this module adds what MONAI lacks:
+
+* :class:`RandLABStainJitterd` — RandStainNA-like jitter of the tile's CIELAB statistics towards
+  per-dataset targets (:data:`STAIN_STATISTICS`);
+* :class:`RandHSVShiftd` — hue / saturation / value shifts;
+* :class:`RandCoarseElasticd` — the reference's coarse-grid elastic deformation (5×5 control
+  points, ±10 px, border points pushed inwards), bilinear for the image and nearest for labels;
+* :class:`CheckTiled` — shape and dtype checks with messages that name the key.
+
+Intended behaviour, not the reference quirks (METHOD.md §10.18/19): rotations draw k uniformly in
+{0, 1, 2, 3}, the crop offset covers every valid position, elastic deformation interpolates the
+image bilinearly. Not included: stain *normalisation* to fixed reference images (Vahadane, Macenko,
+Ruifrok, Reinhard to ``HE1.png`` / Nissl references) — the references are not distributed and
+Vahadane's dictionary learning costs seconds per tile; RandStainNA covers the stain variation.
+CLAHE (skimage, ~12 ms per 256² tile) is replaced by MONAI's gamma contrast, motion/box blur by
+Gaussian blur, and emboss is left out.
+
+Reproducibility: every random draw goes through MONAI's ``self.R``, so
+``Compose(cisca_augmentations()).set_random_state(seed)`` or ``monai.utils.set_determinism(seed)``
+before building the ``Compose`` makes the whole pipeline repeatable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    Identityd,
+    MapTransform,
+    MedianSmoothd,
+    OneOf,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSharpend,
+    RandGaussianSmoothd,
+    RandomizableTransform,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    ScaleIntensityRanged,
+)
+from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple, ensure_tuple_rep
+
+INTENSITY_MAX = 255.0  # images are augmented in 0..255 (docs/contracts.md)
+
+# --------------------------------------------------------------------------------------------
+# Stain statistics (METHOD.md §7, RandStainNA yaml files)
+
+
+@dataclass(frozen=True)
+class StainStatistics:
+    """Per-dataset CIELAB statistics in OpenCV 8-bit units (L·255/100, a+128, b+128), per channel
+    (L, A, B): mean and standard deviation over training images of the per-image channel mean
+    (``mean_mu``, ``mean_sigma``) and of the per-image channel std (``std_mu``, ``std_sigma``)."""
+
+    mean_mu: tuple[float, float, float]
+    mean_sigma: tuple[float, float, float]
+    std_mu: tuple[float, float, float]
+    std_sigma: tuple[float, float, float]
+
+    def __post_init__(self):
+        for name in ("mean_mu", "mean_sigma", "std_mu", "std_sigma"):
+            value = getattr(self, name)
+            try:
+                triple = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"stain statistics {name}: expected three numbers (L, A, B), got {value!r}") from None
+            if len(triple) != 3 or not all(np.isfinite(triple)):
+                raise ValueError(f"stain statistics {name}: expected three finite numbers (L, A, B), got {value!r}")
+            if name != "mean_mu" and min(triple) < 0:
+                raise ValueError(f"stain statistics {name}: expected non-negative values, got {value!r}")
+            object.__setattr__(self, name, triple)
+
+
+STAIN_STATISTICS: dict[str, StainStatistics] = {
+    "conic": StainStatistics(
+        mean_mu=(174.419, 151.99, 109.463), mean_sigma=(37.615, 11.55, 8.624),
+        std_mu=(35.016, 8.581, 8.452), std_sigma=(10.965, 3.324, 2.924),
+    ),
+    "pannuke": StainStatistics(
+        mean_mu=(167.362, 150.293, 116.988), mean_sigma=(30.767, 9.184, 7.463),
+        std_mu=(38.191, 7.936, 7.474), std_sigma=(11.374, 3.08, 2.618),
+    ),
+    "cytodark0": StainStatistics(
+        mean_mu=(204.961, 133.763, 113.567), mean_sigma=(19.332, 3.781, 6.932),
+        std_mu=(31.206, 9.215, 12.727), std_sigma=(10.322, 2.043, 3.177),
+    ),
+}
+# Neutral H&E default for datasets without their own statistics: the mean of the two H&E tables.
+STAIN_STATISTICS["he"] = StainStatistics(
+    *(
+        tuple((a + b) / 2 for a, b in zip(getattr(STAIN_STATISTICS["conic"], f), getattr(STAIN_STATISTICS["pannuke"], f)))
+        for f in ("mean_mu", "mean_sigma", "std_mu", "std_sigma")
+    )
+)
+
+
+def stain_statistics(value: str | Mapping | StainStatistics) -> StainStatistics:
+    """Statistics from a dataset name (``"conic"``, ``"pannuke"``, ``"cytodark0"``, ``"he"`` = neutral
+    H&E default), a mapping with the four :class:`StainStatistics` fields, or the object itself."""
+    if isinstance(value, StainStatistics):
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key not in STAIN_STATISTICS:
+            raise ValueError(
+                f"stain_stats: unknown dataset {value!r}; expected one of {sorted(STAIN_STATISTICS)} "
+                "(use 'he' for other H&E datasets) or a mapping with mean_mu, mean_sigma, std_mu, std_sigma"
+            )
+        return STAIN_STATISTICS[key]
+    if isinstance(value, Mapping):
+        fields = ("mean_mu", "mean_sigma", "std_mu", "std_sigma")
+        missing = [f for f in fields if f not in value]
+        unknown = [k for k in value if k not in fields]
+        if missing or unknown:
+            raise ValueError(f"stain_stats: expected exactly the keys {list(fields)}; missing {missing}, unknown {unknown}")
+        return StainStatistics(**{f: value[f] for f in fields})
+    raise TypeError(f"stain_stats: expected a dataset name, a mapping or StainStatistics, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# Colour conversions (sRGB, D65), vectorised float32 on channel-first arrays in 0..255.
+# Per-pixel powers (np.cbrt, np.power) cost several times a table lookup, and a 3×3 matmul goes through
+# multi-threaded BLAS; table lookups and explicit multiply-adds keep a conversion at a few array passes.
+
+_RGB_TO_XYZ = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]], dtype=np.float64
+)
+_D65_WHITE = np.array([0.950456, 1.0, 1.088754])
+_RGB_TO_XYZN = _RGB_TO_XYZ / _D65_WHITE[:, None]  # XYZ relative to the white point
+_XYZN_TO_RGB = np.linalg.inv(_RGB_TO_XYZN)
+_LAB_DELTA = 6.0 / 29.0
+_TABLE_STEPS = 1 << 14  # table resolution on [0, 1]: errors stay below 0.3 of an 8-bit LAB or RGB step
+
+
+def _srgb_decode(c: np.ndarray) -> np.ndarray:
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def _srgb_encode(c: np.ndarray) -> np.ndarray:
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.power(c, 1 / 2.4) - 0.055)
+
+
+def _lab_f(t: np.ndarray) -> np.ndarray:
+    return np.where(t > _LAB_DELTA**3, np.cbrt(t), t / (3 * _LAB_DELTA**2) + 4.0 / 29.0)
+
+
+_DECODE_8BIT = _srgb_decode(np.arange(256) / 255.0).astype(np.float32)
+_LAB_F_TABLE = _lab_f(np.arange(_TABLE_STEPS + 1) / _TABLE_STEPS).astype(np.float32)
+_ENCODE_TABLE = (_srgb_encode(np.arange(_TABLE_STEPS + 1) / _TABLE_STEPS) * INTENSITY_MAX).astype(np.float32)
+
+
+def _lookup(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Read ``table`` (sampled on [0, 1]) at the nearest step to each value; values outside [0, 1] clip."""
+    index = (values * np.float32(_TABLE_STEPS) + np.float32(0.5)).astype(np.int32)
+    return np.take(table, index, mode="clip")
+
+
+def _mix(matrix: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """``matrix @ channels`` for a 3×3 matrix and (3, N) float32 channels, as explicit multiply-adds."""
+    out = np.empty_like(channels)
+    for row in range(3):
+        m = matrix[row].astype(np.float32)
+        out[row] = channels[0] * m[0]
+        out[row] += channels[1] * m[1]
+        out[row] += channels[2] * m[2]
+    return out
+
+
+def rgb_to_lab8(image: np.ndarray) -> np.ndarray:
+    """(3, ...) RGB in 0..255 → CIELAB in OpenCV 8-bit units (L·255/100, a+128, b+128), float32.
+
+    The image is read at 8-bit precision, as RandStainNA reads it.
+    """
+    rgb8 = np.clip(image + np.float32(0.5), 0, 255).astype(np.uint8)  # round to the nearest 8-bit value
+    linear = np.take(_DECODE_8BIT, rgb8.reshape(3, -1))
+    f = _lookup(_LAB_F_TABLE, _mix(_RGB_TO_XYZN, linear))
+    lab = np.empty_like(f)
+    np.multiply(f[1], np.float32(116 * 2.55), out=lab[0])
+    lab[0] -= np.float32(16 * 2.55)
+    np.subtract(f[0], f[1], out=lab[1])
+    lab[1] *= np.float32(500)
+    lab[1] += np.float32(128)
+    np.subtract(f[1], f[2], out=lab[2])
+    lab[2] *= np.float32(200)
+    lab[2] += np.float32(128)
+    return lab.reshape(image.shape)
+
+
+def lab8_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_lab8`: RGB float32 in 0..255, out-of-gamut colours clipped."""
+    flat = lab.reshape(3, -1).astype(np.float32, copy=False)
+    f = np.empty_like(flat)
+    f[1] = (flat[0] + np.float32(16 * 2.55)) * np.float32(1 / (116 * 2.55))
+    f[0] = f[1] + (flat[1] - np.float32(128)) * np.float32(1 / 500)
+    f[2] = f[1] - (flat[2] - np.float32(128)) * np.float32(1 / 200)
+    xyz = np.where(f > np.float32(_LAB_DELTA), f * f * f, (f - np.float32(4.0 / 29.0)) * np.float32(3 * _LAB_DELTA**2))
+    return _lookup(_ENCODE_TABLE, _mix(_XYZN_TO_RGB, xyz)).reshape(lab.shape)
+
+
+def shift_hsv(image: np.ndarray, hue: float, saturation: float, value: float, value_max: float = INTENSITY_MAX) -> np.ndarray:
+    """Shift hue (degrees, cyclic), saturation (fraction, clipped to 0..1) and value (image units,
+    clipped to 0..value_max) of a (3, ...) RGB float image; returns float32 (hexcone HSV model)."""
+    rgb = image.reshape(3, -1).astype(np.float32, copy=False)
+    r, g, b = rgb
+    v = np.maximum(np.maximum(r, g), b)
+    chroma = v - np.minimum(np.minimum(r, g), b)
+    inverse_chroma = np.divide(np.float32(1), chroma, out=np.zeros_like(chroma), where=chroma > 0)
+    # Hue sector in [0, 6): the maximal channel picks the formula; grey pixels get hue 0.
+    h = np.where(v == r, (g - b) * inverse_chroma, np.where(v == g, (b - r) * inverse_chroma + 2, (r - g) * inverse_chroma + 4))
+    h += np.float32(hue / 60.0)
+    h -= np.float32(6) * np.floor(h * np.float32(1 / 6))
+    if saturation or value:
+        s = np.divide(chroma, v, out=np.zeros_like(chroma), where=v > 0)
+        s = np.clip(s + np.float32(saturation), 0, 1)
+        v = np.clip(v + np.float32(value), 0, np.float32(value_max))
+        chroma = v * s
+    out = np.empty_like(rgb)
+    for channel, n in enumerate((5, 3, 1)):  # R, G, B offsets of the hexcone formula
+        k = h + np.float32(n)
+        k -= np.float32(6) * (k >= 6)
+        out[channel] = v - chroma * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return out.reshape(image.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _numpy(value) -> np.ndarray:
+    if isinstance(value, MetaTensor):
+        value = value.as_tensor()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _rgb(value, key: Hashable) -> np.ndarray:
+    array = _numpy(value)
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ValueError(f"{key}: expected a channel-first RGB image of shape (3, H, W), got shape {tuple(array.shape)}")
+    if array.dtype.kind not in "uif":
+        raise ValueError(f"{key}: expected a numeric image (0..255), got dtype {array.dtype}")
+    return array
+
+
+def _like(array: np.ndarray, reference):
+    """``array`` in the container type of ``reference`` (numpy, tensor, or MetaTensor with its metadata)."""
+    return convert_to_dst_type(array, reference, dtype=array.dtype)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms MONAI lacks
+
+
+class CheckTiled(MapTransform):
+    """Check a sample before augmentation; raise a ValueError naming the key otherwise.
+
+    ``image_key``: (3, H, W) numeric RGB in 0..255 (a float image whose maximum is ≤ 1 looks already
+    scaled and is refused: augment before scaling). ``label_keys``: (1, H, W) maps with the image's
+    H and W holding non-negative integers (integer dtype, or float with integral values as
+    ``LoadImaged`` gives them).
+    """
+
+    backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
+
+    def __init__(self, image_key: str = "image", label_keys: KeysCollection = ("label", "classes"),
+                 allow_missing_keys: bool = False) -> None:
+        self.image_key = image_key
+        self.label_keys = ensure_tuple(label_keys)
+        super().__init__(keys=(image_key, *self.label_keys), allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if self.image_key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(f"{self.image_key}: key missing from the sample (keys: {sorted(map(str, d))})")
+        image = _rgb(d[self.image_key], self.image_key)
+        if image.dtype.kind == "f" and image.size:
+            low, high = float(image.min()), float(image.max())
+            if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > INTENSITY_MAX:
+                raise ValueError(f"{self.image_key}: expected intensities in 0..255, found {low:g}..{high:g}")
+            if 0 < high <= 1:
+                raise ValueError(
+                    f"{self.image_key}: intensities lie in 0..{high:g}; the image looks scaled to 0..1 already, "
+                    "augmentation expects 0..255 (scale after augmenting)"
+                )
+        for key in self.label_keys:
+            if key not in d:
+                if self.allow_missing_keys:
+                    continue
+                raise KeyError(f"{key}: key missing from the sample (keys: {sorted(map(str, d))})")
+            label = _numpy(d[key])
+            if label.ndim != 3 or label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
+                raise ValueError(
+                    f"{key}: expected a (1, H, W) map matching {self.image_key} (1, {image.shape[1]}, {image.shape[2]}), "
+                    f"got shape {tuple(label.shape)}"
+                )
+            if label.dtype.kind == "f":
+                if not np.array_equal(label, np.round(label)):
+                    raise ValueError(f"{key}: expected integer ids, found non-integer values (interpolated labels?)")
+            elif label.dtype.kind not in "iub":
+                raise ValueError(f"{key}: expected an integer map, got dtype {label.dtype}")
+            if label.size and label.min() < 0:
+                raise ValueError(f"{key}: expected non-negative ids (0 = background), found {label.min()}")
+        return d
+
+
+class RandLABStainJitterd(RandomizableTransform, MapTransform):
+    """RandStainNA-like stain jitter (METHOD.md §7): move the tile's CIELAB statistics to random targets.
+
+    Per channel (L, A, B in OpenCV 8-bit units) a target mean ~ N(mean_mu, mean_sigma·sigma_scale) and
+    a target std ~ N(std_mu, std_sigma·sigma_scale) are drawn (RandStainNA's ``std_hyper=-0.4`` gives
+    sigma_scale 0.6); the tile is Reinhard-transferred to them — (x − mean)/std·target_std + target_mean
+    — clipped to 0..255 in LAB and converted back to RGB. A target std below ``min_std`` (a normal draw
+    can be negative) is raised to it. ``stats``: see :func:`stain_statistics`.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, keys: KeysCollection = "image", stats: str | Mapping | StainStatistics = "he", prob: float = 1.0,
+                 sigma_scale: float = 0.6, min_std: float = 1.0, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.stats = stain_statistics(stats)
+        if not (isinstance(sigma_scale, (int, float)) and sigma_scale >= 0):
+            raise ValueError(f"sigma_scale: expected a number ≥ 0, got {sigma_scale!r}")
+        if not (isinstance(min_std, (int, float)) and min_std > 0):
+            raise ValueError(f"min_std: expected a positive number, got {min_std!r}")
+        self.sigma_scale = float(sigma_scale)
+        self.min_std = float(min_std)
+        self.target_mean = np.asarray(self.stats.mean_mu, dtype=np.float32)
+        self.target_std = np.asarray(self.stats.std_mu, dtype=np.float32)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        s = self.stats
+        self.target_mean = self.R.normal(s.mean_mu, np.asarray(s.mean_sigma) * self.sigma_scale).astype(np.float32)
+        std = self.R.normal(s.std_mu, np.asarray(s.std_sigma) * self.sigma_scale)
+        self.target_std = np.maximum(std, self.min_std).astype(np.float32)
+
+    def transfer(self, image: np.ndarray) -> np.ndarray:
+        """Reinhard transfer of a (3, H, W) RGB image to the current targets; float32 RGB 0..255."""
+        lab = rgb_to_lab8(image).reshape(3, -1)
+        mean = lab.mean(axis=1, dtype=np.float64)
+        std = lab.std(axis=1, dtype=np.float64)
+        # A flat channel (std 0) keeps its flatness and only moves to the target mean.
+        scale = np.where(std > 1e-6, self.target_std / np.maximum(std, 1e-6), 0.0).astype(np.float32)
+        offset = (self.target_mean - mean * scale).astype(np.float32)
+        lab = np.clip(lab * scale[:, None] + offset[:, None], 0, 255)
+        return lab8_to_rgb(lab).reshape(image.shape)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = _like(self.transfer(_rgb(d[key], key)), d[key])
+        return d
+
+
+class RandHSVShiftd(RandomizableTransform, MapTransform):
+    """Random hue / saturation / value shift (METHOD.md §7 colour step), drawn uniformly in ± the limits.
+
+    ``hue_shift`` in degrees (OpenCV's 8-bit ±5 is ±10°; TF's ±0.1 is ±36°), ``saturation_shift`` as a
+    fraction (OpenCV ±30 of 255 → 30/255), ``value_shift`` in image units (0..255).
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, keys: KeysCollection = "image", hue_shift: float = 10.0, saturation_shift: float = 30 / 255,
+                 value_shift: float = 20.0, prob: float = 1.0, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        for name, limit in (("hue_shift", hue_shift), ("saturation_shift", saturation_shift), ("value_shift", value_shift)):
+            if not (isinstance(limit, (int, float)) and np.isfinite(limit) and limit >= 0):
+                raise ValueError(f"{name}: expected a finite limit ≥ 0, got {limit!r}")
+        self.limits = (float(hue_shift), float(saturation_shift), float(value_shift))
+        self.shifts = (0.0, 0.0, 0.0)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.shifts = tuple(float(self.R.uniform(-limit, limit)) for limit in self.limits)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = _like(shift_hsv(_rgb(d[key], key), *self.shifts), d[key])
+        return d
+
+
+@lru_cache(maxsize=8)
+def _identity_grid(height: int, width: int) -> torch.Tensor:
+    """(1, H, W, 2) grid_sample coordinates (x, y) of every pixel, align_corners=True convention."""
+    ys = torch.linspace(-1.0, 1.0, height)
+    xs = torch.linspace(-1.0, 1.0, width)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+
+
+class RandCoarseElasticd(RandomizableTransform, MapTransform):
+    """Elastic deformation from a coarse grid of random displacements (METHOD.md §7 step 4).
+
+    A ``grid_size``×``grid_size`` grid of displacements, uniform in ±``magnitude`` px per axis, with the
+    border points' normal component pointing inwards (so no pixel is sampled from outside the tile),
+    upsampled bilinearly to the tile and applied with ``torch.grid_sample``. ``mode`` per key:
+    "bilinear" for images, "nearest" for label maps (values are only moved, never mixed, and the
+    input dtype is kept).
+
+    MONAI's Rand2DElasticd draws normal offsets, upsamples them bicubically and resamples in float64
+    (≈30 ms per 256² sample here against ≈2 ms); it also has no inward border rule.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, keys: KeysCollection = ("image", "label", "classes"),
+                 mode: str | Sequence[str] = ("bilinear", "nearest", "nearest"), grid_size: int = 5,
+                 magnitude: float = 10.0, prob: float = 1.0, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        bad = [m for m in self.mode if m not in ("bilinear", "nearest")]
+        if bad:
+            raise ValueError(f"mode: expected 'bilinear' or 'nearest' per key, got {bad}")
+        if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
+            raise ValueError(f"grid_size: expected an integer ≥ 2 (control points per axis), got {grid_size!r}")
+        if not (isinstance(magnitude, (int, float)) and np.isfinite(magnitude) and magnitude >= 0):
+            raise ValueError(f"magnitude: expected a displacement in pixels ≥ 0, got {magnitude!r}")
+        self.grid_size = int(grid_size)
+        self.magnitude = float(magnitude)
+        self.displacement = np.zeros((2, self.grid_size, self.grid_size), dtype=np.float32)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        g = self.grid_size
+        disp = self.R.uniform(-self.magnitude, self.magnitude, size=(2, g, g))
+        disp[0, 0, :], disp[0, -1, :] = np.abs(disp[0, 0, :]), -np.abs(disp[0, -1, :])  # rows: top down, bottom up
+        disp[1, :, 0], disp[1, :, -1] = np.abs(disp[1, :, 0]), -np.abs(disp[1, :, -1])  # columns: left right, right left
+        self.displacement = disp.astype(np.float32)
+
+    def sampling_grid(self, height: int, width: int) -> torch.Tensor:
+        """(1, H, W, 2) grid_sample grid for the current displacement (output pixel ← input position)."""
+        scale = torch.tensor([2.0 / max(height - 1, 1), 2.0 / max(width - 1, 1)], dtype=torch.float32)
+        coarse = torch.from_numpy(self.displacement) * scale[:, None, None]
+        dense = F.interpolate(coarse[None], size=(height, width), mode="bilinear", align_corners=True)[0]
+        return _identity_grid(height, width) + dense.flip(0).permute(1, 2, 0)[None]  # (dy, dx) → (x, y)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        keys = [(k, m) for k, m in self.key_iterator(d, self.mode)]
+        if not keys:
+            return d
+        arrays = {k: _numpy(d[k]) for k, _ in keys}
+        first = keys[0][0]
+        size = arrays[first].shape[1:]
+        for k, _ in keys:
+            if arrays[k].ndim != 3 or arrays[k].shape[1:] != size:
+                raise ValueError(
+                    f"{k}: expected a channel-first (C, {size[0]}, {size[1]}) array like {first}, got shape {tuple(arrays[k].shape)}"
+                )
+        grid = self.sampling_grid(*size)
+        bilinear = [k for k, m in keys if m == "bilinear"]
+        nearest = [k for k, m in keys if m == "nearest"]
+        for k in bilinear:
+            source = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32))[None]
+            out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+            d[k] = _like(out.numpy().astype(arrays[k].dtype, copy=False), d[k])
+        if nearest:
+            # One nearest-neighbour pass for all label maps; float64 keeps ids above 2**24 exact.
+            exact32 = all(np.abs(arrays[k]).max(initial=0) < 2**24 for k in nearest)
+            dtype = np.float32 if exact32 else np.float64
+            stacked = torch.from_numpy(np.concatenate([arrays[k].astype(dtype) for k in nearest]))[None]
+            moved = F.grid_sample(stacked, grid.to(stacked.dtype), mode="nearest", padding_mode="border",
+                                  align_corners=True)[0].numpy()
+            start = 0
+            for k in nearest:
+                channels = arrays[k].shape[0]
+                d[k] = _like(moved[start : start + channels].astype(arrays[k].dtype), d[k])
+                start += channels
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline of METHOD.md §7
+
+
+def _one_of(transforms: list, weights: Sequence[float], prob: float, keys) -> OneOf:
+    """The reference's ``OneOf(p)``: fire with probability ``prob``, then pick one member ∝ ``weights``
+    (MONAI's OneOf always fires, so an identity member takes the remaining probability)."""
+    total = float(sum(weights))
+    return OneOf([*transforms, Identityd(keys)], weights=[prob * w / total for w in weights] + [1.0 - prob])
+
+
+def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = ("label", "classes"),
+                        stain_stats: str | Mapping | StainStatistics | None = "he", crop_size: int | None = 256,
+                        prob_scale: float = 1.0) -> list:
+    """The ordered training augmentations of METHOD.md §7 as MONAI dictionary transforms.
+
+    Args:
+        image_key: the (3, H, W) RGB image in 0..255.
+        label_keys: (1, H, W) maps moved with the image without interpolation (instance map, class map).
+        stain_stats: dataset whose LAB statistics drive the stain jitter (``"pannuke"``, ``"conic"``,
+            ``"cytodark0"``, ``"he"`` = neutral H&E), a mapping (see :func:`stain_statistics`), or None
+            to leave the stain step out.
+        crop_size: side of the random square crop taken first from larger tiles, at a uniform offset
+            over all valid positions (cropping before augmenting does the work once per crop instead of
+            once per stored tile; every transform is position-independent, so the distribution is that
+            of crop-after-augment up to the tile-level statistics of the stain and contrast steps).
+            Tiles not larger than it pass whole; None: no crop.
+        prob_scale: multiplies every step's probability (capped at 1); 0 leaves check, crop and clip only.
+
+    Steps and probabilities: stain 0.7; rot90 0.9 (k uniform in {0,1,2,3}); flip 0.9 (vertical,
+    horizontal or both, uniformly); elastic 0.7; blur/noise 0.15 (Gaussian blur 0.3, median 0.15,
+    Gaussian noise 0.2, sharpen 0.2); contrast 0.7 (gamma 0.5, contrast about the mean 0.5,
+    brightness 0.2); colour 0.65 (HSV shift ±10°/±30/±20, or hue ±36° + brightness ±25.5, equally);
+    additive noise 0.15 (σ ≤ 0.03·255); finally the image is clipped to 0..255.
+
+    Usable from a bundle config: ``"$cellgap.data.augmentation.cisca_augmentations(stain_stats='pannuke')"``.
+    """
+    label_keys = tuple(ensure_tuple(label_keys))
+    if not isinstance(image_key, str) or not image_key:
+        raise ValueError(f"image_key: expected a non-empty key name, got {image_key!r}")
+    if image_key in label_keys:
+        raise ValueError(f"label_keys: must not contain the image key {image_key!r}")
+    if isinstance(prob_scale, bool) or not isinstance(prob_scale, (int, float)) or not (prob_scale >= 0 and np.isfinite(prob_scale)):
+        raise ValueError(f"prob_scale: expected a finite number ≥ 0, got {prob_scale!r}")
+    if crop_size is not None and (isinstance(crop_size, bool) or not isinstance(crop_size, (int, np.integer)) or crop_size < 1):
+        raise ValueError(f"crop_size: expected a positive integer (pixels) or None, got {crop_size!r}")
+
+    def p(value: float) -> float:
+        return min(1.0, value * prob_scale)
+
+    spatial = (image_key, *label_keys)
+    out: list = [CheckTiled(image_key, label_keys)]
+    if crop_size is not None:
+        out.append(RandSpatialCropd(spatial, roi_size=int(crop_size), random_size=False))
+    if stain_stats is not None:
+        out.append(RandLABStainJitterd(image_key, stats=stain_stats, prob=p(0.7)))
+    # MONAI draws k in {1..max_k} when it fires; 3/4 of the firing probability gives k uniform in {0..3}.
+    out.append(RandRotate90d(spatial, prob=p(0.9) * 3 / 4, max_k=3))
+    flips = [RandFlipd(spatial, prob=1.0, spatial_axis=axis) for axis in (0, 1, (0, 1))]
+    out.append(_one_of(flips, [1, 1, 1], p(0.9), spatial))
+    out.append(RandCoarseElasticd(spatial, mode=("bilinear",) + ("nearest",) * len(label_keys), prob=p(0.7)))
+    blur_noise = [
+        RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=1.0),
+        MedianSmoothd(image_key, radius=1),
+        RandGaussianNoised(image_key, mean=0.0, std=float(np.sqrt(20.0)), prob=1.0),
+        # Unsharp mask img + α(img − blur): the reference's Sharpen α 0.05–0.1 on a 3×3 Laplacian-type
+        # kernel amounts to α·9 ≈ 0.45–0.9 against a 3×3 mean (≈ Gaussian σ 0.8).
+        RandGaussianSharpend(image_key, sigma1_x=(0.1, 0.2), sigma1_y=(0.1, 0.2), sigma2_x=(0.7, 0.9),
+                             sigma2_y=(0.7, 0.9), alpha=(0.45, 0.9), prob=1.0),
+    ]
+    out.append(_one_of(blur_noise, [0.3, 0.15, 0.2, 0.2], p(0.15), image_key))
+    contrast = [
+        RandAdjustContrastd(image_key, gamma=(0.7, 1.4), prob=1.0),
+        RandScaleIntensityFixedMeand(image_key, factors=0.15, fixed_mean=True, prob=1.0),
+        RandScaleIntensityd(image_key, factors=0.2, prob=1.0),
+    ]
+    out.append(_one_of(contrast, [0.5, 0.5, 0.2], p(0.7), image_key))
+    colour = [
+        RandHSVShiftd(image_key, hue_shift=10.0, saturation_shift=30 / 255, value_shift=20.0),
+        Compose([
+            RandHSVShiftd(image_key, hue_shift=36.0, saturation_shift=0.0, value_shift=0.0),
+            RandShiftIntensityd(image_key, offsets=0.1 * INTENSITY_MAX, prob=1.0),
+        ]),
+    ]
+    out.append(_one_of(colour, [1, 1], p(0.65), image_key))
+    out.append(RandGaussianNoised(image_key, mean=0.0, std=0.03 * INTENSITY_MAX, prob=p(0.15)))
+    out.append(ScaleIntensityRanged(image_key, a_min=0.0, a_max=INTENSITY_MAX, b_min=0.0, b_max=INTENSITY_MAX, clip=True))
+    return out
+
+
+__all__ = [
+    "INTENSITY_MAX",
+    "STAIN_STATISTICS",
+    "CheckTiled",
+    "RandCoarseElasticd",
+    "RandHSVShiftd",
+    "RandLABStainJitterd",
+    "StainStatistics",
+    "cisca_augmentations",
+    "lab8_to_rgb",
+    "rgb_to_lab8",
+    "shift_hsv",
+    "stain_statistics",
+]

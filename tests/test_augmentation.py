@@ -1,0 +1,353 @@
+"""Tests of cellgap.data.augmentation: label integrity, image/label alignment, photometric steps,
+stain jitter, crops, determinism and input errors."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, OneOf, RandRotate90d, RandSpatialCropd
+from monai.utils import set_determinism
+from skimage import color
+
+from cellgap.data.augmentation import (
+    STAIN_STATISTICS,
+    CheckTiled,
+    RandCoarseElasticd,
+    RandHSVShiftd,
+    RandLABStainJitterd,
+    cisca_augmentations,
+    lab8_to_rgb,
+    rgb_to_lab8,
+    shift_hsv,
+    stain_statistics,
+)
+
+
+def blob_sample(seed: int = 0, size: int = 64, n_cells: int = 12, n_classes: int = 3) -> dict:
+    """Random discs (instance map), a class per disc, and an H&E-like image painted from them."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((size, size), dtype=np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    for cell in range(1, n_cells + 1):
+        cy, cx, r = rng.integers(0, size), rng.integers(0, size), rng.integers(3, 9)
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = cell
+    cell_class = rng.integers(1, n_classes + 1, n_cells + 1)
+    cell_class[0] = 0
+    classes = cell_class[label].astype(np.uint8)
+    image = np.where(label[..., None] > 0, [90.0, 60.0, 150.0], [235.0, 190.0, 215.0])
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.float32).transpose(2, 0, 1)
+    return {"image": image, "label": label[None], "classes": classes[None], "cell_class": cell_class}
+
+
+def as_numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def coordinate_sample(size: int, block: int = 1) -> dict:
+    """Image whose channels encode (row, column) block indices; label = block id + 1; classes = id % 7."""
+    rows, cols = np.mgrid[:size, :size] // block
+    blocks = size // block
+    ids = (rows * blocks + cols + 1).astype(np.int32)
+    image = np.stack([rows, cols, np.zeros_like(rows)]).astype(np.float32)
+    return {"image": image, "label": ids[None], "classes": (ids % 7)[None].astype(np.int32)}
+
+
+# --------------------------------------------------------------------------------------------
+# Colour conversions
+
+
+def test_lab_conversion_matches_skimage_and_round_trips():
+    rgb = np.random.default_rng(1).integers(0, 256, (3, 40, 40)).astype(np.float32)
+    lab = rgb_to_lab8(rgb)
+    reference = color.rgb2lab(rgb.transpose(1, 2, 0) / 255.0).transpose(2, 0, 1)
+    assert np.abs(lab[0] / 2.55 - reference[0]).max() < 0.05
+    assert np.abs(lab[1:] - 128 - reference[1:]).max() < 0.3  # below the 8-bit quantisation of OpenCV LAB
+    assert np.abs(lab8_to_rgb(lab) - rgb).max() < 0.5
+
+
+def test_hsv_shift_matches_skimage():
+    rgb = np.random.default_rng(2).integers(0, 256, (3, 30, 30)).astype(np.float32)
+    assert np.abs(shift_hsv(rgb, 0.0, 0.0, 0.0) - rgb).max() < 1e-3
+    hsv = color.rgb2hsv(rgb.transpose(1, 2, 0) / 255.0)
+    hsv[..., 0] = (hsv[..., 0] - 25 / 360) % 1.0
+    hsv[..., 1] = np.clip(hsv[..., 1] + 0.1, 0, 1)
+    hsv[..., 2] = np.clip(hsv[..., 2] + 12 / 255, 0, 1)
+    expected = color.hsv2rgb(hsv).transpose(2, 0, 1) * 255
+    assert np.abs(shift_hsv(rgb, -25.0, 0.1, 12.0) - expected).max() < 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Label maps stay integral and aligned with the image
+
+
+def test_full_pipeline_keeps_label_ids_and_class_correspondence():
+    pipeline = Compose(cisca_augmentations(stain_stats="pannuke", crop_size=48))
+    pipeline.set_random_state(7)
+    for seed in range(6):
+        sample = blob_sample(seed)
+        out = pipeline({k: sample[k] for k in ("image", "label", "classes")})
+        label, classes = as_numpy(out["label"]), as_numpy(out["classes"])
+        image = as_numpy(out["image"])
+        assert image.shape == (3, 48, 48) and label.shape == classes.shape == (1, 48, 48)
+        assert label.dtype == np.int32 and classes.dtype == np.uint8 and image.dtype == np.float32
+        assert set(np.unique(label)) <= set(np.unique(sample["label"]))  # no id invented by interpolation
+        # Label and class maps moved together: every pixel keeps the class of its instance.
+        np.testing.assert_array_equal(classes, sample["cell_class"][label])
+        assert image.min() >= 0 and image.max() <= 255
+
+
+def geometric_pipeline(crop_size: int | None, elastic: bool) -> Compose:
+    steps = [t for t in cisca_augmentations(crop_size=crop_size, stain_stats=None)
+             if isinstance(t, (CheckTiled, RandSpatialCropd, RandRotate90d))]
+    steps.append(next(t for t in cisca_augmentations(stain_stats=None) if isinstance(t, OneOf)))  # the flips
+    if elastic:
+        steps.append(RandCoarseElasticd(("image", "label", "classes"), prob=1.0))
+    return Compose(steps)
+
+
+def test_rotations_flips_and_crops_move_image_and_labels_identically():
+    pipeline = geometric_pipeline(crop_size=32, elastic=False)
+    pipeline.set_random_state(3)
+    sample = coordinate_sample(48)
+    blocks = 48
+    for _ in range(12):
+        out = pipeline(dict(sample))
+        image, label = as_numpy(out["image"]), as_numpy(out["label"])[0]
+        decoded = (image[0] * blocks + image[1] + 1).astype(np.int64)
+        np.testing.assert_array_equal(decoded, label)
+        np.testing.assert_array_equal(as_numpy(out["classes"])[0], label % 7)
+
+
+def test_elastic_moves_image_and_labels_together():
+    pipeline = geometric_pipeline(crop_size=None, elastic=True)
+    pipeline.set_random_state(5)
+    sample = coordinate_sample(64, block=8)  # 8×8 blocks: interpolation only mixes along block edges
+    for _ in range(6):
+        out = pipeline(dict(sample))
+        image, label = as_numpy(out["image"]), as_numpy(out["label"])[0]
+        assert set(np.unique(label)) <= set(np.unique(sample["label"]))
+        np.testing.assert_array_equal(as_numpy(out["classes"])[0], label % 7)
+        decoded = np.rint(image[0]) * 8 + np.rint(image[1]) + 1
+        assert np.mean(decoded == label) > 0.9
+        assert np.abs(decoded - label).max() <= 9  # a mismatch is at most one block away
+
+
+def test_elastic_border_points_inwards_and_zero_magnitude_is_identity():
+    elastic = RandCoarseElasticd(("image", "label"), mode=("bilinear", "nearest"), magnitude=10.0, prob=1.0)
+    elastic.set_random_state(0)
+    for _ in range(20):
+        elastic.randomize()
+        grid = elastic.sampling_grid(64, 64)
+        assert grid.abs().max() <= 1.0 + 1e-6  # never samples outside the tile
+    sample = blob_sample(1)
+    still = RandCoarseElasticd(("image", "label"), mode=("bilinear", "nearest"), magnitude=0.0, prob=1.0)
+    out = still({"image": sample["image"], "label": sample["label"]})
+    np.testing.assert_allclose(as_numpy(out["image"]), sample["image"], atol=1e-2)  # float32 grid rounding
+    np.testing.assert_array_equal(as_numpy(out["label"]), sample["label"])
+
+
+def test_rot90_draws_k_uniformly_over_four_values():
+    rotate = next(t for t in cisca_augmentations() if isinstance(t, RandRotate90d))
+    rotate.set_random_state(11)
+    sample = {k: v for k, v in coordinate_sample(8).items()}
+    corners = {0: (0, 0), 1: (7, 0), 2: (7, 7), 3: (0, 7)}  # where pixel (0,0) goes for k quarter turns
+    counts = dict.fromkeys(corners, 0)
+    n = 500
+    for _ in range(n):
+        label = as_numpy(rotate(dict(sample))["label"])[0]
+        k = next(k for k, (r, c) in corners.items() if label[r, c] == 1)
+        counts[k] += 1
+    expected = {0: 0.1 + 0.9 / 4, 1: 0.9 / 4, 2: 0.9 / 4, 3: 0.9 / 4}
+    for k in corners:
+        assert abs(counts[k] / n - expected[k]) < 0.06, (k, counts)  # ≈ 3 standard errors
+
+
+# --------------------------------------------------------------------------------------------
+# Photometric steps
+
+
+def photometric_transforms() -> list:
+    steps = cisca_augmentations(stain_stats="conic")
+    members = []
+    for t in steps:
+        if isinstance(t, OneOf):
+            members.extend(t.transforms[:-1])  # the last member is the identity
+    return [RandLABStainJitterd(stats="conic"), RandHSVShiftd(prob=1.0), *members[3:], steps[-2]]  # members[:3]: flips
+
+
+def test_photometric_transforms_touch_the_image_only():
+    sample = blob_sample(4)
+    for index, transform in enumerate(photometric_transforms()):
+        if hasattr(transform, "set_random_state"):
+            transform.set_random_state(index)
+        if hasattr(transform, "prob"):
+            transform.prob = 1.0
+        out = transform({k: sample[k].copy() for k in ("image", "label", "classes")})
+        np.testing.assert_array_equal(as_numpy(out["label"]), sample["label"])
+        np.testing.assert_array_equal(as_numpy(out["classes"]), sample["classes"])
+        assert as_numpy(out["image"]).shape == sample["image"].shape
+        assert not np.allclose(as_numpy(out["image"]), sample["image"]), type(transform).__name__
+
+
+def test_lab_jitter_moves_statistics_to_the_sampled_targets():
+    sample = blob_sample(5, size=96, n_cells=30)
+    before = rgb_to_lab8(sample["image"]).reshape(3, -1)
+    jitter = RandLABStainJitterd(stats="cytodark0", prob=1.0)
+    jitter.set_random_state(2)
+    for _ in range(5):
+        out = as_numpy(jitter({"image": sample["image"]})["image"])
+        after = rgb_to_lab8(out).reshape(3, -1)
+        target_mean, target_std = jitter.target_mean, jitter.target_std
+        assert np.all(np.abs(after.mean(1) - target_mean) < np.abs(before.mean(1) - target_mean) + 1e-3)
+        # Clipping to the gamut and to 8 bits leaves a small residue.
+        np.testing.assert_allclose(after.mean(1), target_mean, atol=3.0)
+        np.testing.assert_allclose(after.std(1), target_std, rtol=0.15, atol=1.5)
+
+
+def test_lab_jitter_targets_follow_the_dataset_statistics():
+    stats = STAIN_STATISTICS["pannuke"]
+    jitter = RandLABStainJitterd(stats="pannuke", prob=1.0)
+    jitter.set_random_state(0)
+    draws = []
+    for _ in range(2000):
+        jitter.randomize()
+        draws.append(jitter.target_mean.copy())
+    draws = np.array(draws)
+    np.testing.assert_allclose(draws.mean(0), stats.mean_mu, atol=1.5)
+    np.testing.assert_allclose(draws.std(0), 0.6 * np.array(stats.mean_sigma), rtol=0.1)
+
+
+def test_stain_statistics_names_and_mappings():
+    assert stain_statistics("PanNuke") is STAIN_STATISTICS["pannuke"]
+    he = STAIN_STATISTICS["he"]
+    np.testing.assert_allclose(he.mean_mu, (np.array(STAIN_STATISTICS["conic"].mean_mu) + STAIN_STATISTICS["pannuke"].mean_mu) / 2)
+    custom = stain_statistics({"mean_mu": [1, 2, 3], "mean_sigma": [1, 1, 1], "std_mu": [5, 5, 5], "std_sigma": [1, 1, 1]})
+    assert custom.mean_mu == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="stain_stats: unknown dataset 'monuseg'"):
+        stain_statistics("monuseg")
+    with pytest.raises(ValueError, match="missing"):
+        stain_statistics({"mean_mu": [1, 2, 3]})
+    with pytest.raises(ValueError, match="std_sigma"):
+        stain_statistics({"mean_mu": [1, 2, 3], "mean_sigma": [1, 1, 1], "std_mu": [5, 5, 5], "std_sigma": [1, -1, 1]})
+
+
+# --------------------------------------------------------------------------------------------
+# Crops
+
+
+def test_crops_from_a_large_tile_are_crop_sized_and_aligned():
+    pipeline = Compose(cisca_augmentations(crop_size=256, prob_scale=0.0))
+    pipeline.set_random_state(0)
+    sample = coordinate_sample(1024)
+    sample["image"] = sample["image"] / 5  # keep the coordinates within 0..255
+    for _ in range(3):
+        out = pipeline(dict(sample))
+        image, label = as_numpy(out["image"]), as_numpy(out["label"])[0]
+        assert image.shape == (3, 256, 256) and label.shape == (256, 256)
+        rows, cols = np.divmod(label - 1, 1024)
+        np.testing.assert_allclose(image[0], rows / 5, rtol=1e-6)
+        np.testing.assert_allclose(image[1], cols / 5, rtol=1e-6)
+        assert 0 <= rows.min() <= 768 and 0 <= cols.min() <= 768
+
+
+def test_crop_offsets_cover_every_valid_position():
+    crop = next(t for t in cisca_augmentations(crop_size=32) if isinstance(t, RandSpatialCropd))
+    crop.set_random_state(1)
+    sample = coordinate_sample(36)
+    seen = set()
+    for _ in range(400):  # 25 offsets: missing one by chance has probability ≈ 25·(24/25)**400 ≈ 2e-6
+        label = as_numpy(crop(dict(sample))["label"])[0]
+        seen.add(divmod(int(label[0, 0]) - 1, 36))
+    assert seen == {(r, c) for r in range(5) for c in range(5)}  # offsets 0..4 on both axes, the last included
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism
+
+
+def run_pipeline(pipeline: Compose, n: int = 3) -> list[dict]:
+    return [{k: as_numpy(v).copy() for k, v in pipeline({k: s[k] for k in ("image", "label", "classes")}).items()}
+            for s in (blob_sample(i) for i in range(n))]
+
+
+def assert_same_runs(a: list[dict], b: list[dict]) -> None:
+    for x, y in zip(a, b):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_set_random_state_makes_the_pipeline_reproducible():
+    first = Compose(cisca_augmentations(crop_size=48)).set_random_state(123)
+    second = Compose(cisca_augmentations(crop_size=48)).set_random_state(123)
+    assert_same_runs(run_pipeline(first), run_pipeline(second))
+    other = run_pipeline(Compose(cisca_augmentations(crop_size=48)).set_random_state(124))
+    with pytest.raises(AssertionError):
+        assert_same_runs(run_pipeline(Compose(cisca_augmentations(crop_size=48)).set_random_state(123)), other)
+
+
+def test_set_determinism_makes_the_pipeline_reproducible():
+    try:
+        set_determinism(seed=42)
+        first = run_pipeline(Compose(cisca_augmentations(crop_size=48)))
+        set_determinism(seed=42)
+        second = run_pipeline(Compose(cisca_augmentations(crop_size=48)))
+    finally:
+        set_determinism(seed=None)
+    assert_same_runs(first, second)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def value_error_of(function, *args) -> ValueError:
+    """The ValueError raised by ``function`` (MONAI's Compose re-raises it as the cause of a RuntimeError)."""
+    with pytest.raises(Exception) as info:
+        function(*args)
+    error = info.value
+    while not isinstance(error, ValueError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, ValueError), repr(info.value)
+    return error
+
+
+def test_bad_input_raises_a_value_error_naming_the_key():
+    pipeline = Compose(cisca_augmentations(crop_size=48))
+    check = cisca_augmentations()[0]
+    sample = blob_sample(0)
+    good = {k: sample[k] for k in ("image", "label", "classes")}
+    cases = [
+        ({"image": sample["image"][:2]}, r"image: expected a channel-first RGB image of shape \(3, H, W\)"),
+        ({"image": sample["image"].transpose(1, 2, 0)}, r"image: expected a channel-first RGB"),
+        ({"image": sample["image"] / 255.0}, "image: .*scaled to 0..1"),
+        ({"label": sample["label"][:, :32]}, r"label: expected a \(1, H, W\) map matching image"),
+        ({"classes": sample["classes"][0]}, r"classes: expected a \(1, H, W\) map"),
+        ({"label": sample["label"] + 0.5}, "label: expected integer ids"),
+        ({"label": -sample["label"]}, "label: expected non-negative ids"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check({**good, **change})
+        assert re.match(message, str(value_error_of(pipeline, {**good, **change})))
+
+
+def test_transforms_check_their_own_inputs():
+    sample = blob_sample(0)
+    with pytest.raises(ValueError, match=r"^image: expected a channel-first RGB"):
+        RandLABStainJitterd(prob=1.0)({"image": sample["image"][:1]})
+    with pytest.raises(ValueError, match=r"^image: expected a channel-first RGB"):
+        RandHSVShiftd(prob=1.0)({"image": np.zeros((4, 8, 8), np.float32)})
+    with pytest.raises(ValueError, match=r"^label: expected a channel-first \(C, 64, 64\)"):
+        RandCoarseElasticd(("image", "label"), mode=("bilinear", "nearest"), prob=1.0)(
+            {"image": sample["image"], "label": sample["label"][:, :10]})
+    with pytest.raises(ValueError, match="mode"):
+        RandCoarseElasticd(("image", "label"), mode=("bilinear", "bicubic"))
+    with pytest.raises(ValueError, match="prob_scale"):
+        cisca_augmentations(prob_scale=-1)
+    with pytest.raises(ValueError, match="crop_size"):
+        cisca_augmentations(crop_size=0)
+    with pytest.raises(ValueError, match="label_keys"):
+        cisca_augmentations(label_keys=("image",))
