@@ -1,0 +1,25 @@
+"""Evaluation suite: PQ family, AJI, Dice, detection and per-class F1, R², with named protocols.
+
+Start with :class:`Protocol` (presets ``Protocol.pannuke()``, ``.conic()``, ``.cisca()``),
+score images with :func:`score_image`, combine them with :class:`ScoreTable` / :func:`summarize`,
+and write reports with :func:`write_reports`.  See docs/metrics.md.
+"""
+
+from cellgap.metrics.aggregation import KEY_METRICS, ScoreTable, aggregate, canonical_metric, per_tissue, summarize
+from cellgap.metrics.matching import Overlaps, instance_overlaps
+from cellgap.metrics.protocol import Protocol
+from cellgap.metrics.scoring import ImageScore, score_image
+
+__all__ = [
+    "KEY_METRICS",
+    "ImageScore",
+    "Overlaps",
+    "Protocol",
+    "ScoreTable",
+    "aggregate",
+    "canonical_metric",
+    "instance_overlaps",
+    "per_tissue",
+    "score_image",
+    "summarize",
+]

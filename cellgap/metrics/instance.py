@@ -1,0 +1,132 @@
+"""Binary instance-segmentation metrics of one image, read from its :class:`Overlaps` (METHOD §5).
+
+* PQ/DQ/SQ: a GT and a predicted instance pair iff IoU > 0.5 (such pairs are unique);
+  DQ = TP / (TP + FP/2 + FN/2), SQ = ΣIoU / TP, PQ = DQ·SQ.
+* AJI (MoNuSeg / HoVer-Net "fast AJI"): each GT instance takes the prediction of largest IoU
+  (reuse allowed, IoU = 0 drops the pair); AJI = Σ∩ / (Σ∪ + unpaired GT area + unused prediction area).
+* AJI+: as AJI with a one-to-one matching that maximises the summed IoU (pairs with IoU > 0).
+* Dice: binary foreground Dice, 2|G∩P| / (|G| + |P|).
+
+Conventions: ratios are exact (``eps`` = 0) unless ``eps`` is given, which is added to the DQ and
+SQ denominators as CISCA (1e-6) and cellseg-metrics (1e-8) do.  A ratio whose denominator is 0
+is 0 when the image has cells on either side, and NaN when both maps are empty (nothing to score).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from cellgap.metrics.matching import Overlaps, instance_overlaps
+
+
+def _ratio(num: float, den: float, empty: bool) -> float:
+    if empty:
+        return float("nan")
+    return float(num / den) if den > 0 else 0.0
+
+
+def matched_pairs(ov: Overlaps, iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unique (GT index, prediction index, IoU) pairs with IoU > ``iou_threshold`` (≥ 0.5).
+
+    Below 0.5 a GT instance may exceed the threshold with several predictions and the matching is
+    no longer unique; peers then disagree (Hungarian on IoU vs on the pair count), so it is refused.
+    """
+    if not 0.5 <= iou_threshold < 1:
+        raise ValueError(f"iou_threshold: expected a value in [0.5, 1) so that matches are unique, got {iou_threshold}")
+    iou = ov.pair_iou
+    keep = iou > iou_threshold
+    return ov.pair_gt[keep], ov.pair_pred[keep], iou[keep]
+
+
+def panoptic_quality(ov: Overlaps, iou_threshold: float = 0.5, eps: float = 0.0) -> dict[str, float]:
+    """PQ, DQ, SQ and their counts (tp, fp, fn, iou_sum) for one image.
+
+    Both maps empty: pq/dq/sq are NaN.  ``eps`` is added to the DQ and SQ denominators (default: exact).
+    """
+    _, _, iou = matched_pairs(ov, iou_threshold)
+    tp = len(iou)
+    fp, fn = ov.n_pred - tp, ov.n_gt - tp
+    iou_sum = float(iou.sum())
+    empty = ov.n_gt == 0 and ov.n_pred == 0
+    dq = _ratio(tp, tp + 0.5 * fp + 0.5 * fn + eps, empty)
+    sq = _ratio(iou_sum, tp + eps, empty)
+    return {"pq": dq * sq, "dq": dq, "sq": sq, "tp": tp, "fp": fp, "fn": fn, "iou_sum": iou_sum}
+
+
+def aji_from_pairs(ov: Overlaps, pair_index: np.ndarray) -> float:
+    """Σ∩ / (Σ∪ + unpaired GT area + unused prediction area) for the chosen pairs (indices into the pair list)."""
+    gt_idx, pred_idx = ov.pair_gt[pair_index], ov.pair_pred[pair_index]
+    inter = ov.pair_intersection[pair_index]
+    union = ov.gt_area[gt_idx] + ov.pred_area[pred_idx] - inter
+    used_gt = np.zeros(ov.n_gt, bool)
+    used_gt[gt_idx] = True
+    used_pred = np.zeros(ov.n_pred, bool)
+    used_pred[pred_idx] = True
+    total_union = union.sum() + ov.gt_area[~used_gt].sum() + ov.pred_area[~used_pred].sum()
+    return _ratio(inter.sum(), total_union, ov.n_gt == 0 and ov.n_pred == 0)
+
+
+def aji(ov: Overlaps) -> float:
+    """Aggregated Jaccard Index: each GT takes its largest-IoU prediction (ties → lower prediction id)."""
+    return aji_from_pairs(ov, largest_iou_pairs(ov))
+
+
+def largest_iou_pairs(ov: Overlaps) -> np.ndarray:
+    """For each GT instance with an overlap, the pair of largest IoU (ties → lower prediction id)."""
+    order = np.lexsort((ov.pair_pred, -ov.pair_iou, ov.pair_gt))
+    first = np.ones(len(order), bool)
+    first[1:] = ov.pair_gt[order][1:] != ov.pair_gt[order][:-1]
+    return order[first]
+
+
+def max_iou_matching(ov: Overlaps) -> np.ndarray:
+    """Indices into the pair list of a one-to-one matching that maximises the summed IoU.
+
+    Zero-IoU pairs never help, so the problem splits into the connected components of the overlap
+    graph; components with one pair are matched directly and only the others go to
+    ``scipy.optimize.linear_sum_assignment`` (which the full dense problem would need otherwise).
+    """
+    n_pairs = len(ov.pair_gt)
+    if n_pairs == 0:
+        return np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(n_pairs), (ov.pair_gt, ov.n_gt + ov.pair_pred)), shape=(ov.n_gt + ov.n_pred,) * 2)
+    _, comp = connected_components(graph, directed=False)
+    pair_comp = comp[ov.pair_gt]
+    sizes = np.bincount(pair_comp, minlength=comp.max() + 1)
+    chosen = [np.flatnonzero(sizes[pair_comp] == 1)]
+    iou = ov.pair_iou
+    multi = np.flatnonzero(sizes[pair_comp] > 1)
+    if len(multi):
+        multi = multi[np.argsort(pair_comp[multi], kind="stable")]
+        bounds = np.flatnonzero(np.diff(pair_comp[multi])) + 1
+        for group in np.split(multi, bounds):
+            g_local, g_rows = np.unique(ov.pair_gt[group], return_inverse=True)
+            p_local, p_cols = np.unique(ov.pair_pred[group], return_inverse=True)
+            weights = np.zeros((len(g_local), len(p_local)))
+            weights[g_rows, p_cols] = iou[group]
+            r, c = linear_sum_assignment(weights, maximize=True)
+            lookup = {(a, b): k for k, a, b in zip(group, g_rows, p_cols)}
+            chosen.append(np.array([lookup[(a, b)] for a, b in zip(r, c) if (a, b) in lookup], np.int64))
+    return np.sort(np.concatenate(chosen))
+
+
+def aji_plus(ov: Overlaps) -> float:
+    """AJI+: AJI with a one-to-one matching of maximum summed IoU (pairs with IoU > 0)."""
+    return aji_from_pairs(ov, max_iou_matching(ov))
+
+
+def dice(ov: Overlaps) -> float:
+    """Binary foreground Dice; every foreground∩foreground pixel lies in exactly one overlapping pair."""
+    total = ov.gt_area.sum() + ov.pred_area.sum()
+    return _ratio(2 * ov.pair_intersection.sum(), total, total == 0)
+
+
+def instance_metrics(gt, pred, iou_threshold: float = 0.5, eps: float = 0.0) -> dict[str, float]:
+    """PQ, DQ, SQ, AJI, AJI+ and Dice of two instance maps (numpy or torch, CPU or CUDA)."""
+    ov = instance_overlaps(gt, pred)
+    out = panoptic_quality(ov, iou_threshold, eps)
+    out.update(aji=aji(ov), aji_plus=aji_plus(ov), dice=dice(ov))
+    return out
