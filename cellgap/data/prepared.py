@@ -202,7 +202,7 @@ class PreparedWriter:
         if unknown:
             raise ValueError(f"tile {tile_id!r}: unknown manifest column(s) {sorted(unknown)}; declare them in extra_columns")
         self._ids.add(tile_id)
-        Image.fromarray(image).save(self.partial / "images" / f"{tile_id}.png")
+        Image.fromarray(image).save(self.partial / "images" / f"{tile_id}.png", compress_level=1)  # fast; PNG stays lossless
         tifffile.imwrite(self.partial / "labels" / f"{tile_id}.tif", label.astype(np.int32), compression="zlib")
         row = {"id": tile_id, "image": f"images/{tile_id}.png", "label": f"labels/{tile_id}.tif", "classes": "",
                "tissue": tissue, "split": split, **{k: str(v) for k, v in extra.items()}}

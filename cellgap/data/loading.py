@@ -1,0 +1,66 @@
+"""Loading tiles into MONAI sample dicts with the checks MONAI's LoadImaged does not make.
+
+MONAI's ``LoadImaged`` reads the files but accepts greyscale or 16-bit images, float label maps and
+mismatched shapes silently; cellgap stops with the file name and what was expected instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from cellgap.data.native import read_label_image, read_rgb
+
+
+def _meta(path: str, shape: tuple[int, int]) -> dict:
+    return {"filename_or_obj": str(path), "spatial_shape": np.asarray(shape)}
+
+
+class LoadTiled(MapTransform):
+    """Read ``image`` (8-bit RGB PNG/TIFF), ``label`` (integer instance map) and ``classes`` (class map).
+
+    Produces ``image`` (3,H,W) float32 in 0..255, ``label`` (1,H,W) int32 and ``classes`` (1,H,W) int32 as
+    MetaTensors carrying the source file name.  An empty or absent ``classes`` path means a single-class
+    dataset: ``classes = label > 0``.  ``num_classes`` (if given) bounds the class ids.
+    Keys absent from ``keys`` are not read (inference reads only ``image``).
+    """
+
+    def __init__(self, keys=("image", "label", "classes"), num_classes: int | None = None, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        image_path = d.get("image")
+        if "image" in self.keys:
+            if not image_path:
+                raise KeyError(f"sample {d.get('id', '?')!r}: no 'image' path")
+            rgb = read_rgb(image_path)
+            d["image"] = MetaTensor(torch.from_numpy(np.moveaxis(rgb, -1, 0).astype(np.float32)), meta=_meta(image_path, rgb.shape[:2]))
+        if "label" in self.keys and d.get("label"):
+            label_path = d["label"]
+            label = read_label_image(label_path)
+            if label.min() < 0:
+                raise ValueError(f"{label_path}: negative instance ids; expected 0 = background, 1..N = cells")
+            if "image" in self.keys and label.shape != tuple(d["image"].shape[1:]):
+                raise ValueError(f"{label_path}: label map is {label.shape}, but its image {image_path} is "
+                                 f"{tuple(d['image'].shape[1:])}; expected the same height and width")
+            d["label"] = MetaTensor(torch.from_numpy(label.astype(np.int32))[None], meta=_meta(label_path, label.shape))
+            if "classes" in self.keys:
+                d["classes"] = self._classes(d, label)
+        return d
+
+    def _classes(self, d: dict, label: np.ndarray) -> MetaTensor:
+        path = d.get("classes")
+        if not path:
+            classes = (label > 0).astype(np.int32)
+            return MetaTensor(torch.from_numpy(classes)[None], meta=_meta(d["label"].meta["filename_or_obj"], label.shape))
+        classes = read_label_image(path)
+        if classes.shape != label.shape:
+            raise ValueError(f"{path}: class map is {classes.shape}, but the instance map is {label.shape}")
+        if classes.min() < 0 or (self.num_classes is not None and classes.max() > self.num_classes):
+            raise ValueError(f"{path}: class ids {int(classes.min())}..{int(classes.max())}; expected 0..{self.num_classes} "
+                             f"(0 = background) for this dataset's {self.num_classes} classes")
+        return MetaTensor(torch.from_numpy(classes.astype(np.int32))[None], meta=_meta(path, classes.shape))

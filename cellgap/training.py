@@ -1,0 +1,126 @@
+"""Glue between the CISCA network and MONAI's Ignite engines: batch preparation, gradient clipping and
+checkpoint metadata that refuses a decoder trained for another encoder or another set of classes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine
+from monai.engines import PrepareBatch
+from monai.engines.utils import IterationEvents
+
+TARGET_KEYS = ("contour_target", "distance_target", "weight_mask", "type_target")
+
+
+class PrepareCISCABatch(PrepareBatch):
+    """``(image, targets)`` for MONAI engines.
+
+    Training batches (with the CISCA targets) give a dict of targets for the loss.  Evaluation batches
+    give the instance map ``label`` itself, so that it stays available to post-processing and metrics
+    under ``label`` (MONAI evaluators store the targets as ``output["label"]``); inference gives None.
+    """
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        if "image" not in batchdata:
+            raise KeyError(f"batch has no 'image'; keys: {sorted(batchdata)}")
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+        targets = {k: batchdata[k].to(device=device, non_blocking=non_blocking) for k in TARGET_KEYS if k in batchdata}
+        if targets:
+            return image, targets
+        return image, batchdata.get("label")
+
+
+class GradientClipping:
+    """Clip decoder gradients after each backward pass (before the optimizer step).
+
+    ``mode="global"`` (default) clips the norm of all gradients together, as PyTorch users expect;
+    ``mode="per_tensor"`` clips every parameter tensor separately, as Keras ``clipnorm`` does in the
+    reference (METHOD.md §10.7).  ``max_norm=None`` disables clipping.
+    """
+
+    def __init__(self, parameters, max_norm: float | None = 1e-3, mode: str = "global"):
+        if mode not in ("global", "per_tensor"):
+            raise ValueError(f"gradient clipping mode: expected 'global' or 'per_tensor', got {mode!r}")
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.max_norm = max_norm
+        self.mode = mode
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_norm is not None:
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.mode == "global":
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm)
+        else:
+            for p in self.parameters:
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_([p], self.max_norm)
+
+
+class CheckpointMeta:
+    """What a decoder checkpoint was trained for; saved beside the weights and checked on load.
+
+    Put it first in ``CheckpointSaver``/``CheckpointLoader`` ``save_dict``/``load_dict`` so that a
+    mismatch is reported before the decoder's tensor shapes are compared.
+    """
+
+    FIELDS = ("encoder", "class_names", "num_contour_classes", "num_distance_maps")
+
+    def __init__(self, encoder: str, class_names, num_contour_classes: int = 3, num_distance_maps: int = 4,
+                 extra: dict | None = None):
+        self.info = {"encoder": str(encoder), "class_names": [str(c) for c in class_names],
+                     "num_contour_classes": int(num_contour_classes), "num_distance_maps": int(num_distance_maps)}
+        self.extra = dict(extra or {})
+        self.loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {**self.extra, **self.info}
+
+    def load_state_dict(self, state: dict) -> None:
+        problems = [f"{k}: checkpoint has {state.get(k)!r}, this network has {self.info[k]!r}"
+                    for k in self.FIELDS if state.get(k) != self.info[k]]
+        if problems:
+            raise ValueError("checkpoint does not fit this bundle (" + "; ".join(problems) + "). Use a checkpoint trained "
+                             "with this encoder on a dataset with these classes, or train one.")
+        self.loaded = dict(state)
+
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def existing_checkpoint(path: str | os.PathLike) -> str:
+    """``path`` if it is a file, else a FileNotFoundError that says how to get one."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path}: missing; train the bundle first (configs/train.json) or fetch "
+                                f"published decoder weights with `python -m monai.bundle download_large_files --bundle_path .`")
+    return str(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a cellgap checkpoint (``meta`` + ``decoder``) and check that it is one."""
+    existing_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "meta" not in ckpt or "decoder" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {path}: not a cellgap decoder checkpoint (expected keys 'meta' and 'decoder', got {keys})")
+    missing = [k for k in ("class_names", "encoder", "magnification", "min_cell_size") if k not in ckpt["meta"]]
+    if missing:
+        raise ValueError(f"checkpoint {path}: its meta lacks {missing}")
+    return ckpt
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Sorted image files (png, tif, tiff, jpg) directly inside ``folder``; an error if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input_dir {folder}: not a folder; expected a folder of RGB tiles ({', '.join(IMAGE_SUFFIXES)})")
+    files = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"input_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
