@@ -112,8 +112,12 @@ def as_label_tensor(x, name: str, device: torch.device | str | None = None) -> t
         t = t.detach()
         if device is not None:
             t = t.to(device)
+        if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch kernels take these
+            t = t.to(torch.int64)
     elif isinstance(x, np.ndarray):
-        if x.dtype == np.uint64 or x.dtype == np.uint32:
+        if x.dtype == np.uint16:
+            x = x.astype(np.int32)
+        elif x.dtype == np.uint64 or x.dtype == np.uint32:
             if x.size and x.max() > np.iinfo(np.int64).max:
                 raise ValueError(f"{name}: ids above 2**63-1 are not supported")
             x = x.astype(np.int64)
