@@ -69,3 +69,10 @@ def test_chunks_cover_the_array(tmp_path):
     blocks = list(native.iter_npy_chunks(path, 5))
     assert [s for s, _ in blocks] == [0, 5, 10, 15, 20]
     assert (np.concatenate([b for _, b in blocks]) == np.load(path)).all()
+
+
+def test_chunks_of_an_empty_array(tmp_path):
+    path = tmp_path / "e.npy"
+    np.save(path, np.zeros((0, 4, 4, 3)))
+    assert list(native.iter_npy_chunks(path, 5)) == []
+    assert native.open_npy(path, "x", ndim=4).shape == (0, 4, 4, 3)

@@ -69,7 +69,13 @@ def iter_npy_chunks(path: str | os.PathLike, chunk: int) -> Iterator[tuple[int, 
     far are released and the resident memory stays at about one chunk (a single long-lived map
     would keep every page it touched resident).
     """
-    n = len(np.load(path, mmap_mode="r", allow_pickle=False))
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read_header(f)[0]
+    n = shape[0] if shape else 0
+    if n == 0 or int(np.prod(shape)) == 0:  # an empty array cannot be memory-mapped
+        return
     for start in range(0, n, chunk):
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         block = np.array(arr[start : start + chunk])
