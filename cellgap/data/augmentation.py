@@ -365,8 +365,8 @@ class RandLABStainJitterd(RandomizableTransform, MapTransform):
     def transfer(self, image: np.ndarray) -> np.ndarray:
         """Reinhard transfer of a (3, H, W) RGB image to the current targets; float32 RGB 0..255."""
         lab = rgb_to_lab8(image).reshape(3, -1)
-        mean = lab.mean(axis=1, dtype=np.float64)
-        std = lab.std(axis=1, dtype=np.float64)
+        mean = lab.mean(axis=1)  # float32 with numpy's pairwise summation: exact enough for 8-bit data
+        std = lab.std(axis=1)
         # A flat channel (std 0) keeps its flatness and only moves to the target mean.
         scale = np.where(std > 1e-6, self.target_std / np.maximum(std, 1e-6), 0.0).astype(np.float32)
         offset = (self.target_mean - mean * scale).astype(np.float32)
@@ -495,8 +495,8 @@ class RandCoarseElasticd(RandomizableTransform, MapTransform):
         nearest = [k for k, m in keys if m == "nearest"]
         for k in bilinear:
             source = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32))[None]
-            out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
-            d[k] = _like(out.numpy().astype(arrays[k].dtype, copy=False), d[k])
+            out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)[0].numpy()
+            d[k] = _like(out if arrays[k].dtype.kind == "f" else np.rint(out).astype(arrays[k].dtype), d[k])
         if nearest:
             # One nearest-neighbour pass for all label maps; float64 keeps ids above 2**24 exact.
             exact32 = all(np.abs(arrays[k]).max(initial=0) < 2**24 for k in nearest)

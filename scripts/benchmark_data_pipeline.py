@@ -1,0 +1,137 @@
+"""Throughput of the training data pipeline on one CPU core: load + augment + targets + scaling.
+
+    python scripts/benchmark_data_pipeline.py --tiles 48 --repeats 2
+
+Writes a prepared dataset of synthetic tiles (``cellgap.data.synthetic``) to a temporary folder with
+``PreparedWriter`` (256² tiles, and 1024² tiles read with a random 256² crop as for CytoDArk0), then
+times, per tile, on one thread and without workers:
+
+* load — ``cellgap.data.loading.LoadTiled`` (PNG + two TIFFs);
+* augment — ``cisca_augmentations`` on tiles already in memory, with a per-step profile;
+* targets — ``cellgap.targets.CISCATargetsd`` on augmented tiles;
+* full — load + augment + targets + scaling to 0..1, as a training data loader runs it;
+* cached tiles — the same without loading, as with a CacheDataset that keeps the loaded tiles.
+
+CPU time of this process is the figure that survives other jobs on the machine; wall time is what a
+loader worker sees. Target: ≥ 150 tiles/s per core (≤ 6.7 ms per tile) for 256² tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")  # one core: no BLAS or OpenMP threads either
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monai.data import set_track_meta  # noqa: E402
+from monai.transforms import Compose, OneOf, ScaleIntensityRanged  # noqa: E402
+
+from cellgap.data.augmentation import cisca_augmentations  # noqa: E402
+from cellgap.data.loading import LoadTiled  # noqa: E402
+from cellgap.data.prepared import PreparedWriter, datalist  # noqa: E402
+from cellgap.data.synthetic import generate_tile, synthetic_info  # noqa: E402
+from cellgap.targets import CISCATargetsd  # noqa: E402
+
+
+def write_dataset(root: Path, tiles: int, size: int, magnification: int, seed: int) -> list[dict]:
+    with PreparedWriter(root, synthetic_info(magnification)) as writer:
+        for index in range(tiles):
+            tile = generate_tile(seed + index, size=size, magnification=magnification)
+            writer.add(f"tile{index:04d}", tile.image, tile.label, tile.classes, tissue=tile.tissue, split="train")
+    return datalist(root, "train")
+
+
+def timed(function, items: list, repeats: int) -> tuple[float, float]:
+    """Wall and CPU milliseconds per item (after one warm-up call)."""
+    function(items[0])
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        for item in items:
+            function(item)
+    count = repeats * len(items)
+    return (time.perf_counter() - wall) / count * 1e3, (time.process_time() - cpu) / count * 1e3
+
+
+def step_name(transform) -> str:
+    if isinstance(transform, OneOf):
+        return "OneOf[" + ", ".join(type(t).__name__ for t in transform.transforms[:-1]) + "]"
+    return type(transform).__name__
+
+
+def step_profile(steps: list, samples: list[dict], repeats: int) -> list[tuple[str, float]]:
+    """Mean CPU ms per tile spent in each step (probabilities included: what a step costs on average)."""
+    spent = np.zeros(len(steps))
+    for _ in range(repeats):
+        for sample in samples:
+            data = dict(sample)
+            for index, step in enumerate(steps):
+                start = time.process_time()
+                data = step(data)
+                spent[index] += time.process_time() - start
+    return [(step_name(s), t / (repeats * len(samples)) * 1e3) for s, t in zip(steps, spent)]
+
+
+def report(name: str, wall: float, cpu: float) -> str:
+    return f"| {name} | {wall:.1f} | {cpu:.1f} | {1e3 / cpu:.0f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiles", type=int, default=48, help="256² tiles (the 1024² set has a quarter as many)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--magnification", type=int, default=40)
+    parser.add_argument("--stain", default="pannuke", help="stain statistics of the LAB jitter")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    print(f"machine: {platform.machine()} cpu_count={os.cpu_count()}, torch threads=1, "
+          f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory() as folder:
+        sets = {
+            "256² tiles": write_dataset(Path(folder) / "tiles256", args.tiles, 256, args.magnification, args.seed),
+            "1024² tiles → 256² crop": write_dataset(Path(folder) / "tiles1024", max(1, args.tiles // 4), 1024,
+                                                     args.magnification, args.seed + 10**6),
+        }
+        load = LoadTiled(num_classes=len(synthetic_info(args.magnification).class_names))
+        targets = CISCATargetsd(magnification=args.magnification)
+        scale = ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)
+        rows = ["| stage | wall ms/tile | CPU ms/tile | tiles/s per core (CPU) |", "|---|---|---|---|"]
+        profiles = {}
+        for track_meta in (True, False):
+            set_track_meta(track_meta)
+            meta = "MetaTensor" if track_meta else "track_meta(False)"
+            for name, items in sets.items():
+                steps = cisca_augmentations(stain_stats=args.stain, crop_size=256)
+                augment = Compose(steps).set_random_state(args.seed)
+                full = Compose([load, *steps, targets, scale]).set_random_state(args.seed)
+                cached = Compose([*steps, targets, scale]).set_random_state(args.seed)
+                loaded = [load(item) for item in items]
+                augmented = [augment(sample) for sample in loaded]
+                rows.append(report(f"{name}, {meta}: load", *timed(load, items, args.repeats)))
+                rows.append(report(f"{name}, {meta}: augment (in memory)", *timed(augment, loaded, args.repeats)))
+                rows.append(report(f"{name}, {meta}: targets", *timed(targets, augmented, args.repeats)))
+                rows.append(report(f"{name}, {meta}: **full** (load+augment+targets+scale)",
+                                   *timed(full, items, args.repeats)))
+                rows.append(report(f"{name}, {meta}: cached tiles (augment+targets+scale)", *timed(cached, loaded, args.repeats)))
+                if not track_meta:
+                    profiles[name] = step_profile(cisca_augmentations(stain_stats=args.stain, crop_size=256), loaded,
+                                                  args.repeats)
+        print("\n".join(rows))
+        for name, profile in profiles.items():
+            print(f"\naugmentation steps, {name}, track_meta(False), mean CPU ms per tile (probabilities included):")
+            for step, ms in profile:
+                print(f"  {ms:6.2f}  {step}")
+    print(f"\nload average after the run {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
