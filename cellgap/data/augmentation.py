@@ -298,7 +298,7 @@ class CheckTiled(MapTransform):
             raise KeyError(f"{self.image_key}: key missing from the sample (keys: {sorted(map(str, d))})")
         image = _rgb(d[self.image_key], self.image_key)
         if image.dtype.kind == "f" and image.size:
-            low, high = float(image.min()), float(image.max())
+            low, high = (float(v) for v in torch.aminmax(torch.from_numpy(np.ascontiguousarray(image))))  # one pass
             if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > INTENSITY_MAX:
                 raise ValueError(f"{self.image_key}: expected intensities in 0..255, found {low:g}..{high:g}")
             if 0 < high <= 1:
@@ -322,7 +322,7 @@ class CheckTiled(MapTransform):
                     raise ValueError(f"{key}: expected integer ids, found non-integer values (interpolated labels?)")
             elif label.dtype.kind not in "iub":
                 raise ValueError(f"{key}: expected an integer map, got dtype {label.dtype}")
-            if label.size and label.min() < 0:
+            if label.size and label.dtype.kind != "u" and label.min() < 0:
                 raise ValueError(f"{key}: expected non-negative ids (0 = background), found {label.min()}")
         return d
 
