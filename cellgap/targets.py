@@ -248,8 +248,11 @@ def _components_below(mask: np.ndarray, size: int, connectivity: np.ndarray) -> 
     neighbours = np.where(is_candidate, position, itself)  # (n, k); itself where there is none
     group = itself
     for _ in range(size - 2):
-        group = np.minimum(group, group[neighbours].min(axis=0))
-        group = group[group]  # pointer jumping: only speeds up the propagation
+        updated = np.minimum(group, group[neighbours].min(axis=0))
+        updated = updated[updated]  # pointer jumping: only speeds up the propagation
+        if np.array_equal(updated, group):  # settled everywhere, not just in the small components
+            break
+        group = updated
     open_group = np.zeros(pixels.size, dtype=bool)
     open_group[group[escapes | (group[neighbours] != group).any(axis=0)]] = True
     small = ~open_group[group] & (np.bincount(group, minlength=pixels.size)[group] < size)
