@@ -197,3 +197,21 @@ def test_protocol_for_a_prepared_dataset():
 def test_metric_name_aliases():
     assert canonical_metric("mPQ+") == "mpq+" and canonical_metric("mpq_plus") == "mpq+"
     assert canonical_metric("AJI_plus") == "aji+" and canonical_metric("F1_d") == "f1d"
+
+
+def test_component_wise_aji_plus_matching_reaches_the_dense_hungarian_optimum():
+    from scipy.optimize import linear_sum_assignment
+
+    from cellgap.metrics.instance import max_iou_matching
+
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        gt = random_instances((64, 64), 15, rng)
+        pred = perturb(gt, rng, grow=1)  # grown cells overlap their neighbours: many multi-pair components
+        ov = instance_overlaps(gt, pred)
+        k = max_iou_matching(ov)
+        assert len(set(ov.pair_gt[k])) == len(k) == len(set(ov.pair_pred[k]))  # one-to-one
+        dense = np.zeros((ov.n_gt, ov.n_pred))
+        dense[ov.pair_gt, ov.pair_pred] = ov.pair_iou
+        r, c = linear_sum_assignment(dense, maximize=True)
+        assert ov.pair_iou[k].sum() == pytest.approx(dense[r, c].sum(), abs=1e-12)

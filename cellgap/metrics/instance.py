@@ -92,24 +92,32 @@ def max_iou_matching(ov: Overlaps) -> np.ndarray:
     n_pairs = len(ov.pair_gt)
     if n_pairs == 0:
         return np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(n_pairs), (ov.pair_gt, ov.n_gt + ov.pair_pred)), shape=(ov.n_gt + ov.n_pred,) * 2)
+    # A pair whose GT and prediction overlap nothing else is its own component: take it directly.
+    lone = (np.bincount(ov.pair_gt, minlength=ov.n_gt)[ov.pair_gt] == 1) & (np.bincount(ov.pair_pred, minlength=ov.n_pred)[ov.pair_pred] == 1)
+    chosen = [np.flatnonzero(lone)]
+    rest = np.flatnonzero(~lone)
+    if len(rest) == 0:
+        return chosen[0]
+    graph = coo_matrix((np.ones(len(rest)), (ov.pair_gt[rest], ov.n_gt + ov.pair_pred[rest])), shape=(ov.n_gt + ov.n_pred,) * 2)
     _, comp = connected_components(graph, directed=False)
-    pair_comp = comp[ov.pair_gt]
-    sizes = np.bincount(pair_comp, minlength=comp.max() + 1)
-    chosen = [np.flatnonzero(sizes[pair_comp] == 1)]
+    # Every other pair shares its GT or prediction with another: components of two or more pairs.
+    comps = comp[ov.pair_gt[rest]]
+    order = np.argsort(comps, kind="stable")
+    multi, comps = rest[order], comps[order]
     iou = ov.pair_iou
-    multi = np.flatnonzero(sizes[pair_comp] > 1)
-    if len(multi):
-        multi = multi[np.argsort(pair_comp[multi], kind="stable")]
-        bounds = np.flatnonzero(np.diff(pair_comp[multi])) + 1
-        for group in np.split(multi, bounds):
-            g_local, g_rows = np.unique(ov.pair_gt[group], return_inverse=True)
-            p_local, p_cols = np.unique(ov.pair_pred[group], return_inverse=True)
-            weights = np.zeros((len(g_local), len(p_local)))
-            weights[g_rows, p_cols] = iou[group]
-            r, c = linear_sum_assignment(weights, maximize=True)
-            lookup = {(a, b): k for k, a, b in zip(group, g_rows, p_cols)}
-            chosen.append(np.array([lookup[(a, b)] for a, b in zip(r, c) if (a, b) in lookup], np.int64))
+    # Row/column of each pair inside its component's small IoU matrix, for all components at once.
+    _, g_rank = np.unique(comps.astype(np.int64) * ov.n_gt + ov.pair_gt[multi], return_inverse=True)
+    _, p_rank = np.unique(comps.astype(np.int64) * ov.n_pred + ov.pair_pred[multi], return_inverse=True)
+    starts = np.r_[0, np.flatnonzero(np.diff(comps)) + 1, len(multi)]
+    for a, b in zip(starts[:-1], starts[1:]):
+        rows, cols = g_rank[a:b] - g_rank[a:b].min(), p_rank[a:b] - p_rank[a:b].min()
+        weights = np.zeros((rows.max() + 1, cols.max() + 1))
+        weights[rows, cols] = iou[multi[a:b]]
+        r, c = linear_sum_assignment(weights, maximize=True)
+        slot = np.full(weights.shape, -1)
+        slot[rows, cols] = multi[a:b]
+        picked = slot[r, c]
+        chosen.append(picked[picked >= 0])
     return np.sort(np.concatenate(chosen))
 
 
