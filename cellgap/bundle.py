@@ -127,8 +127,8 @@ def train_config(spec: EncoderSpec) -> dict:
                          "factor": 0.5, "patience": "@lr_patience"},
         "checkpoint_meta": {"_target_": "cellgap.training.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
                             "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps",
-                            "extra": {"dataset": "@dataset_info.name", "magnification": "@magnification",
-                                      "mpp": "@dataset_info.mpp", "min_cell_size": "@min_cell_size",
+                            "extra": {"dataset": "$@dataset_info.name", "magnification": "@magnification",
+                                      "mpp": "$@dataset_info.mpp", "min_cell_size": "@min_cell_size",
                                       "key_metric": "@key_metric", "cellgap_version": __version__}},
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
         "train": {
@@ -147,8 +147,9 @@ def train_config(spec: EncoderSpec) -> dict:
             ]},
             "dataset": {"_target_": "CacheDataset", "data": "@train#datalist", "transform": "@train#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
-            "sampler": "$cellgap.data.sampling.balanced_sampler(@train#datalist, @num_classes, seed=@seed) "
-                       "if @balanced_sampling else None",
+            "sampler": "$cellgap.data.sampling.ClassBalancedSampler(cellgap.data.sampling.dataset_class_counts("
+                       "@train#datalist, @num_classes), seed=@seed, **cellgap.data.sampling.OVERSAMPLING_PRESETS.get("
+                       "@dataset, {})) if @balanced_sampling else None",
             "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                            "shuffle": "$@train#sampler is None", "sampler": "@train#sampler",
                            "num_workers": "@num_workers", "drop_last": True},
@@ -159,9 +160,9 @@ def train_config(spec: EncoderSpec) -> dict:
                 {"_target_": "cellgap.training.GradientClipping", "parameters": "$@network_def.decoder.parameters()",
                  "max_norm": "@grad_clip_norm", "mode": "@grad_clip_mode"},
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "iteration_log": False,
-                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)", "_disabled_": "@is_not_rank0"},
+                 "output_transform": "$lambda output: output['loss']", "_disabled_": "@is_not_rank0"},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss",
-                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)", "_disabled_": "@is_not_rank0"},
+                 "output_transform": "$lambda output: output['loss']", "_disabled_": "@is_not_rank0"},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False,
                  "epoch_event_writer": "$lambda engine, writer: writer.add_scalar('learning_rate', "
                                        "@optimizer.param_groups[0]['lr'], engine.state.epoch)",

@@ -1,0 +1,149 @@
+"""The generated MONAI bundles: committed files match the generator, and train / evaluate / inference run
+through ``monai.bundle`` on a tiny synthetic dataset."""
+
+import csv
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.bundle import ConfigWorkflow, run
+from PIL import Image
+
+from cellgap.bundle import PINNED, bundle_name, render_bundle
+from cellgap.encoders import DEMO_ENCODER, ENCODERS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "bundles" / bundle_name(DEMO_ENCODER)
+CONFIGS = DEMO / "configs"
+TINY = {"widths": [8, 8, 8, 16, 16, 16], "head_features": 8, "head_width": 8, "norm": None}
+
+
+def test_committed_bundles_match_the_generator():
+    committed = sorted(p.name for p in (ROOT / "bundles").iterdir() if p.is_dir())
+    assert committed == sorted(bundle_name(k) for k in ENCODERS)
+    for key in ENCODERS:
+        for rel, text in render_bundle(key).items():
+            path = ROOT / "bundles" / bundle_name(key) / rel
+            assert path.is_file(), f"{path} missing: run scripts/build_bundles.py"
+            assert path.read_text(encoding="utf-8") == text, f"{path} differs from the generator: run scripts/build_bundles.py"
+
+
+def test_metadata_pins_match_requirements():
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)", (ROOT / "requirements.txt").read_text(), re.M))
+    for name, version in PINNED.items():
+        assert pins.get(name) == version, f"{name}: bundle metadata pins {version}, requirements.txt {pins.get(name)}"
+
+
+def _common(tmp: Path, **extra) -> dict:
+    return {"bundle_root": str(DEMO), "meta_file": str(CONFIGS / "metadata.json"), "logging_file": False,
+            "encoder_weights": "none", "allow_random_encoder": True, "decoder": TINY, "tile_size": 64, "sw_batch_size": 2,
+            "ckpt_dir": str(tmp / "models"), "output_dir": str(tmp / "runs"), "dataset_dir": str(tmp / "data"),
+            "num_workers": 0, "synthetic": {"n_train": 4, "n_val": 2, "n_test": 2, "seed": 0, "magnification": 40, "size": 64},
+            **extra}
+
+
+def _chain(error: BaseException) -> str:
+    """Every message of an exception chain (MONAI wraps the cause in 'Failed to evaluate ...')."""
+    texts = []
+    while error is not None:
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
+def _quiet_run(configs, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(config_file=[str(CONFIGS / c) for c in configs], **overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bundle")
+    _quiet_run(["train.json"], epochs=2, epoch_length=2, batch_size=2, val_batch_size=2, **_common(tmp))
+    return tmp
+
+
+def test_train_writes_checkpoint_and_tensorboard(trained):
+    ckpt = torch.load(trained / "models" / "model.pt", weights_only=True)
+    assert ckpt["meta"]["encoder"] == DEMO_ENCODER and ckpt["meta"]["class_names"] == ["tumour", "lymphocyte", "stromal"]
+    assert ckpt["meta"]["magnification"] == 40 and any(k.startswith("contour_head") for k in ckpt["decoder"])
+    assert not any(k.startswith("encoder") for k in ckpt["decoder"])  # the frozen encoder is not saved
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {"scalars": set(), "images": set()}
+    for events in (trained / "runs").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"train_loss", "learning_rate", "val_key_metric", "val_pq", "val_mpq+", "val_f1d"} <= tags["scalars"]
+    assert any(t.startswith("overlay/") for t in tags["images"])
+
+
+def test_evaluate_writes_reports_with_the_protocol(trained):
+    _quiet_run(["train.json", "evaluate.json"], eval_split="test", bootstrap=20, **_common(trained))
+    folder = trained / "runs" / "eval_test"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["protocol"]["empty_policy"] == "skip" and summary["protocol"]["detection_radius"] == 12
+    assert "test" in summary["protocol"]["split"]
+    assert {"per_image.csv", "per_class.csv", "per_tissue.csv"} <= {p.name for p in folder.iterdir()}
+    assert list(folder.glob("overlay_*.png"))
+
+
+def test_inference_writes_cells_for_any_tile_size(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(inputs / "small.png")  # smaller than a tile
+    Image.fromarray(rng.integers(0, 255, (100, 90, 3), dtype=np.uint8)).save(inputs / "odd.png")  # not a multiple
+    common = {k: v for k, v in _common(trained).items() if k not in ("dataset_dir", "synthetic", "num_workers")}
+    _quiet_run(["inference.json"], input_dir=str(inputs), **{**common, "output_dir": str(tmp_path / "out")})
+    for name, shape in (("small", (40, 50)), ("odd", (100, 90))):
+        inst = tifffile.imread(tmp_path / "out" / f"{name}_instances.tif")
+        assert inst.shape == shape and inst.dtype == np.int32
+        assert tifffile.imread(tmp_path / "out" / f"{name}_classes.tif").shape == shape
+        with open(tmp_path / "out" / f"{name}_cells.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == len(np.unique(inst[inst > 0]))
+        assert (tmp_path / "out" / f"{name}_overlay.png").is_file()
+        geo = json.loads((tmp_path / "out" / f"{name}_cells.geojson").read_text())
+        assert geo["type"] == "FeatureCollection"
+
+
+def test_inference_rejects_a_greyscale_image(trained, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(inputs / "grey.png")
+    common = {k: v for k, v in _common(trained).items() if k not in ("dataset_dir", "synthetic", "num_workers")}
+    with pytest.raises(Exception) as info:
+        _quiet_run(["inference.json"], input_dir=str(inputs), **{**common, "output_dir": str(tmp_path / "out")})
+    assert re.search(r"grey\.png.*RGB", _chain(info.value))
+
+
+def test_a_checkpoint_for_another_encoder_is_refused(trained, tmp_path):
+    ckpt = torch.load(trained / "models" / "model.pt", weights_only=True)
+    ckpt["meta"]["encoder"] = "uni"
+    (tmp_path / "models").mkdir()
+    torch.save(ckpt, tmp_path / "models" / "model.pt")
+    overrides = {**_common(trained), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "runs")}
+    with pytest.raises(Exception) as info:
+        _quiet_run(["train.json", "evaluate.json"], eval_split="test", bootstrap=0, **overrides)
+    assert "encoder: checkpoint has 'uni'" in _chain(info.value)
+
+
+def test_bundle_properties_are_complete(trained, tmp_path):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "tile.png")
+    for configs, kind in ((["train.json"], "train"), (["inference.json"], "infer")):
+        wf = ConfigWorkflow(config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
+                            logging_file=False, workflow_type=kind, input_dir=str(tmp_path),
+                            **{k: v for k, v in _common(trained).items() if k not in ("meta_file", "logging_file")})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wf.initialize()
+            assert wf.check_properties() == [] or wf.check_properties() is None
