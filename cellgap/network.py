@@ -52,5 +52,9 @@ class CellGapNet(nn.Module):
     def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.decoder(x, features)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(x, self.forward_features(x))
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``features``: the encoder's maps for ``x`` if already known (from the embedding cache)."""
+        if features is None:
+            return self.decode(x, self.forward_features(x))
+        self.check_input(x)
+        return self.decode(x, [f.to(device=x.device, dtype=x.dtype) for f in features])
