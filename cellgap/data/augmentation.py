@@ -19,10 +19,10 @@ rotations, flips, crops, blur, noise, contrast and brightness; this module adds 
 Intended behaviour, not the reference quirks (METHOD.md §10.18/19): rotations draw k uniformly in
 {0, 1, 2, 3}, the crop offset covers every valid position, elastic deformation interpolates the
 image bilinearly. Not included: stain *normalisation* to fixed reference images (Vahadane, Macenko,
-Ruifrok, Reinhard to ``HE1.png`` / Nissl references) — the references are not distributed and
-Vahadane's dictionary learning costs seconds per tile; RandStainNA covers the stain variation.
-CLAHE (skimage, ~12 ms per 256² tile) is replaced by MONAI's gamma contrast, motion/box blur by
-Gaussian blur, and emboss is left out.
+Ruifrok, Reinhard to ``HE1.png`` / Nissl references): the reference images are not distributed;
+the LAB jitter covers the stain variation. CLAHE (skimage, ~10 ms per 256² tile, no MONAI
+equivalent) is replaced by MONAI's gamma contrast, motion/box blur by Gaussian blur, and emboss is
+left out. Timings: docs/benchmarks.md, "Data pipeline".
 
 Reproducibility: every random draw goes through MONAI's ``self.R``, so
 ``Compose(cisca_augmentations()).set_random_state(seed)`` or ``monai.utils.set_determinism(seed)``
@@ -435,7 +435,7 @@ class RandCoarseElasticd(RandomizableTransform, MapTransform):
     input dtype is kept).
 
     MONAI's Rand2DElasticd draws normal offsets, upsamples them bicubically and resamples in float64
-    (≈30 ms per 256² sample here against ≈2 ms); it also has no inward border rule.
+    (≈30 ms per 256² sample on the dev machine against ≈3.6 ms); it also has no inward border rule.
     """
 
     backend = [TransformBackends.TORCH]
@@ -535,9 +535,10 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
             ``"cytodark0"``, ``"he"`` = neutral H&E), a mapping (see :func:`stain_statistics`), or None
             to leave the stain step out.
         crop_size: side of the random square crop taken first from larger tiles, at a uniform offset
-            over all valid positions (cropping before augmenting does the work once per crop instead of
-            once per stored tile; every transform is position-independent, so the distribution is that
-            of crop-after-augment up to the tile-level statistics of the stain and contrast steps).
+            over all valid positions. The crop comes first, so a 1024² tile costs what a 256² one does;
+            the reference crops after augmenting, which differs only in the statistics the stain and
+            contrast steps read (crop instead of whole tile) and in the elastic border rule applying
+            at the crop's edges.
             Tiles not larger than it pass whole; None: no crop.
         prob_scale: multiplies every step's probability (capped at 1); 0 leaves check, crop and clip only.
 
