@@ -101,6 +101,9 @@ def check_agreement(tile, mine, cs, mo) -> bool:
 
 
 def run(args) -> str:
+    # One torch thread for every implementation (cellgap's CPU pass uses one anyway): on a shared 2-core
+    # machine intra-op threads make small-tensor torch code several times slower, MONAI's included.
+    torch.set_num_threads(1)
     tiles = [make_tile(256, args.cells, seed) for seed in range(args.tiles)]
     n_cells = statistics.median(len(np.unique(t[0])) - 1 for t in tiles)
     rows = {}
@@ -136,7 +139,7 @@ def run(args) -> str:
     ours_cpu = rows["cellgap"][0]
     lines = [
         f"Run {datetime.date.today().isoformat()} on the 2-core CPU dev machine ({platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__.split('+')[0]}, {torch.get_num_threads()} threads), `python scripts/benchmark_metrics.py`. "
+        f"torch {torch.__version__.split('+')[0]} on 1 thread for every implementation), `python scripts/benchmark_metrics.py`. "
         "Other engineers' jobs shared the two cores, so wall times are noisy; CPU process time is the steadier figure.",
         "",
         f"Per 256² tile ({args.tiles} synthetic PanNuke-like tiles, median {n_cells:.0f} cells, {NUM_CLASSES} classes; "

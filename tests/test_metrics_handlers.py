@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,31 @@ def test_report_saver_without_metric_names_the_problem(tmp_path):
     saver = MetricsReportSaver(str(tmp_path), metric_name="val_pq")
     with pytest.raises(KeyError, match="no CellMetrics named 'val_pq'"):
         saver(engine)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    items = make_items(5)
+    mine = items[rank::world]
+    if rank == 1:
+        mine = mine + [items[0]]  # DistributedSampler-style padding: a repeated image must count once
+    metric = CellMetrics(CLASSES, key_metric="mpq+", magnification=40, empty_policy="nan")
+    metric.update([copy_to_output(it) | {"id": it["id"], "tissue": it["tissue"]} for it in mine])
+    result = metric.compute()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({k: v for k, v in result.items() if "/" not in k}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.heavy
+def test_ddp_ranks_gather_every_image_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = expected_summary(make_items(5), Protocol(magnification=40, empty_policy="nan"))
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["n_images"] == 5
+        for key in ("pq", "mpq+", "f1d", "aji+"):
+            assert got[key] == pytest.approx(expected[key]), (rank, key)

@@ -108,8 +108,18 @@ def max_iou_matching(ov: Overlaps) -> np.ndarray:
     # Row/column of each pair inside its component's small IoU matrix, for all components at once.
     _, g_rank = np.unique(comps.astype(np.int64) * ov.n_gt + ov.pair_gt[multi], return_inverse=True)
     _, p_rank = np.unique(comps.astype(np.int64) * ov.n_pred + ov.pair_pred[multi], return_inverse=True)
-    starts = np.r_[0, np.flatnonzero(np.diff(comps)) + 1, len(multi)]
-    for a, b in zip(starts[:-1], starts[1:]):
+    starts = np.r_[0, np.flatnonzero(np.diff(comps)) + 1]
+    ends = np.r_[starts[1:], len(multi)]
+    g_count = np.maximum.reduceat(g_rank, starts) - np.minimum.reduceat(g_rank, starts) + 1
+    p_count = np.maximum.reduceat(p_rank, starts) - np.minimum.reduceat(p_rank, starts) + 1
+    # A star (one GT or one prediction in the component) keeps only its best pair.
+    is_star = (g_count == 1) | (p_count == 1)
+    star = np.repeat(is_star, ends - starts)
+    if star.any():
+        order = np.lexsort((-iou[multi[star]], comps[star]))
+        first = np.r_[True, np.diff(comps[star][order]) != 0]
+        chosen.append(multi[star][order][first])
+    for a, b in zip(starts[~is_star], ends[~is_star]):
         rows, cols = g_rank[a:b] - g_rank[a:b].min(), p_rank[a:b] - p_rank[a:b].min()
         weights = np.zeros((rows.max() + 1, cols.max() + 1))
         weights[rows, cols] = iou[multi[a:b]]

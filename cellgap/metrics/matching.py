@@ -147,6 +147,8 @@ def as_label_tensor(x, name: str, device: torch.device | str | None = None) -> t
     lo, hi = int(lo), int(hi)
     if lo < 0:
         raise ValueError(f"{name}: negative ids (min {lo}); expected 0 = background, 1..N = instances")
+    if t.dtype in (torch.uint8, torch.int8, torch.int16) and not t.is_floating_point():
+        return t.reshape(-1), hi  # small ids (class maps): promoted inside the index arithmetic, no copy
     dtype = torch.int32 if hi < 2**31 - 1 else torch.int64
     return t.reshape(-1).to(dtype), hi
 
@@ -241,8 +243,8 @@ def _instance_overlaps(
     # Raw ids index the tables directly when they are dense enough; otherwise relabel them 1..n.
     raw_bins = (g_top + 1) * (p_top + 1)
     relabel = raw_bins > min(_DENSE_PAIR_BINS, _RAW_ID_FACTOR * g.numel() + 1024)
-    g_idx, g_n, g_ids = _index_space(g, g_top, relabel)
-    p_idx, p_n, p_ids = _index_space(p, p_top, relabel)
+    g_idx, g_n, g_ids = _index_space(g.to(torch.int32) if g.element_size() < 4 else g, g_top, relabel)
+    p_idx, p_n, p_ids = _index_space(p.to(torch.int32) if p.element_size() < 4 else p, p_top, relabel)
     bins = (g_n + 1) * (p_n + 1)
     rows, cols = _pixel_coordinates(h, w, str(dev))
     if bins <= _DENSE_PAIR_BINS:
@@ -309,7 +311,7 @@ def _instance_overlaps(
         k = num_classes + 1
 
         def histogram(idx, n, present, types):
-            hist = torch.bincount(idx * k + types.to(idx.dtype), minlength=(n + 1) * k).reshape(n + 1, k)
+            hist = torch.bincount(idx * k + types, minlength=(n + 1) * k).reshape(n + 1, k)
             return hist[1:][present].cpu().numpy()
 
         out.gt_class_pixels = histogram(g_idx, g_n, g_present, gt_t)
