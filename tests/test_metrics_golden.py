@@ -144,6 +144,7 @@ def test_empty_gt_policy_skip_vs_nan():
     assert (s_skip["n_images"], s_nan["n_images"], s_nan["n_empty"]) == (3, 4, 1)
     assert s_skip["pq"] == s_nan["pq"] == pytest.approx(0.7)  # per-image scores of D are NaN either way
     assert s_skip["f1d"] == 1.0 and s_nan["f1d"] == pytest.approx(8 / 9)  # D's FP counts only under "nan"
+    assert (s_nan["precision_d"], s_nan["recall_d"]) == pytest.approx((4 / 5, 1.0))  # TP 4, FP 1, FN 0
     assert s_nan["pq+/one"] == pytest.approx(2 / 2.5 * 0.8)
     assert np.isnan(_table(nan, images).scalars["pq"][3])
 
