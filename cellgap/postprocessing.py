@@ -50,6 +50,7 @@ DISTANCE_NORMALISATIONS = ("fixed", "minmax")
 WATERSHED_MASK_HOLE_SIZE = 5
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_STRIP_PIXELS = 256 * 256  # CPU correlation works on strips of about this many pixels
 _FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 
 
@@ -76,27 +77,38 @@ def _interface_responses(num_maps: int, device: torch.device) -> torch.Tensor:
     return _kernels(num_maps, device).abs().sum(dim=(1, 2))
 
 
+@lru_cache(maxsize=16)
+def _unit_interface_kernels(num_maps: int, device: torch.device) -> torch.Tensor:
+    """Kernels divided by their ideal-interface response J: an ideal +1 → −1 interface responds with −1."""
+    return _kernels(num_maps, device) / _interface_responses(num_maps, device)[:, None, None]
+
+
 def _correlate(maps: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Per-channel 5×5 cross-correlation with replicate padding, for antisymmetric kernels (k(−t) = −k(t)).
 
     Written as 12 weighted differences of shifted views: exact, works on any device, and on one CPU core it
-    is several times faster and far steadier than torch's depthwise conv2d for 1-channel 5×5 kernels.
+    is several times faster and far steadier than torch's depthwise conv2d for 1-channel 5×5 kernels.  On
+    the CPU, images larger than a tile go in strips of about a tile's pixels, which stay in cache (2× faster
+    on a 1024² image).
     """
     reach = kernels.shape[-1] // 2
-    height, width = maps.shape[-2:]
+    channels, height, width = maps.shape
     # Replicate padding: a cell cut by the image edge gets no artificial jump there, and an image whose
     # border is background (0) gives exactly the responses it would give inside a larger empty field.
     padded = F.pad(maps[None], (reach,) * 4, mode="replicate")[0]
-    out = torch.zeros_like(maps)
-    difference = torch.empty_like(maps)
-    for dy in range(0, reach + 1):
-        for dx in range(-reach, reach + 1):
-            if dy == 0 and dx <= 0:
-                continue  # each tap pairs with its mirror -t
-            weight = kernels[:, reach + dy, reach + dx][:, None, None]
-            ahead = padded[:, reach + dy : reach + dy + height, reach + dx : reach + dx + width]
-            behind = padded[:, reach - dy : reach - dy + height, reach - dx : reach - dx + width]
-            out.addcmul_(torch.sub(ahead, behind, out=difference), weight)
+    taps = [(dy, dx, kernels[:, reach + dy, reach + dx][:, None, None]) for dy in range(reach + 1) for dx in range(-reach, reach + 1)]
+    taps = [tap for tap in taps if tap[0] > 0 or tap[1] > 0]  # each tap pairs with its mirror −t
+    out = torch.empty_like(maps)
+    rows = height if maps.device.type != "cpu" else max(8, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        strip = out[:, top : top + rows]
+        strip.zero_()
+        difference = torch.empty_like(strip)
+        below = top + strip.shape[1]
+        for dy, dx, weight in taps:
+            ahead = padded[:, top + reach + dy : below + reach + dy, reach + dx : reach + dx + width]
+            behind = padded[:, top + reach - dy : below + reach - dy, reach - dx : reach - dx + width]
+            strip.addcmul_(torch.sub(ahead, behind, out=difference), weight)
     return out
 
 
@@ -188,24 +200,21 @@ def contour_evidence(distance: torch.Tensor, normalisation: str = "fixed") -> to
     """
     if normalisation not in DISTANCE_NORMALISATIONS:
         raise ValueError(f"normalisation: expected one of {DISTANCE_NORMALISATIONS}, got {normalisation!r}")
-    num_maps = distance.shape[0]
-    kernels = _kernels(num_maps, distance.device)
+    # Per-channel kernel scale does not change a per-channel min–max, so both modes use the J-scaled kernels.
+    kernels = _unit_interface_kernels(distance.shape[0], distance.device)
     if normalisation == "minmax":
         # Reference behaviour: min–max per channel over this input, then per response (METHOD.md §4 step 2).
         low = distance.amin(dim=(1, 2), keepdim=True)
         span = distance.amax(dim=(1, 2), keepdim=True) - low
         distance = torch.where(span > 0, (distance - low) / span.clamp_min(1e-12), torch.zeros_like(distance))
-    response = _correlate(distance, kernels)
-    if normalisation == "minmax":
+        response = _correlate(distance, kernels)
         low = response.amin(dim=(1, 2), keepdim=True)
         span = response.amax(dim=(1, 2), keepdim=True) - low
         evidence = torch.where(span > 0, 1 - (response - low) / span.clamp_min(1e-12), torch.zeros_like(response))
-    else:
-        # The reference's min–max, with the response's known extremes ±J (ideal falling / rising interface
-        # jumps) instead of this input's: flat map → 0.5, ideal +1 → −1 interface → 1.
-        scale = 2 * _interface_responses(num_maps, distance.device)[:, None, None]
-        evidence = 0.5 - response / scale
-    return evidence.amax(dim=0)
+        return evidence.amax(dim=0)
+    # The reference's min–max with the responses' known extremes ±J (ideal falling / rising interface jumps)
+    # instead of this input's: 0.5 − r / (2J), i.e. flat map → 0.5, ideal +1 → −1 interface → 1.
+    return 0.5 - 0.5 * _correlate(distance, kernels).amin(dim=0)
 
 
 def _blur3(image: torch.Tensor) -> torch.Tensor:
@@ -305,6 +314,25 @@ def _watershed_mask(mask: np.ndarray, profile: MagnificationProfile) -> np.ndarr
     return _dilate(_erode(mask, profile.mask_opening_se), profile.mask_opening_se)
 
 
+def _flood(energy: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """8-connected marker-controlled watershed of ``energy`` inside ``mask`` (METHOD.md §4 step 7).
+
+    skimage pushes every marker pixel onto its heap, and its cost grows faster than linearly with the heap.
+    Marker pixels whose 8 neighbours all carry their own label can flood nothing, so they are left out of
+    the call and put back afterwards: the same result, with a heap several times smaller.
+    """
+    markers = np.where(mask, markers, 0)
+    interior = markers > 0
+    height, width = markers.shape
+    for dr, dc in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        here = np.s_[max(0, -dr) : height - max(0, dr), max(0, -dc) : width - max(0, dc)]
+        there = np.s_[max(0, dr) : height + min(0, dr), max(0, dc) : width + min(0, dc)]
+        interior[here] &= markers[here] == markers[there]
+    labels = watershed(energy, np.where(interior, 0, markers), mask=mask & ~interior, connectivity=2)
+    labels[interior] = markers[interior]
+    return labels
+
+
 def _size_filter(labels: np.ndarray, min_cell_size: int) -> np.ndarray:
     """Drop instances and 4-connected foreground pieces smaller than ``min_cell_size``; relabel 1..N."""
     n = int(labels.max())
@@ -323,13 +351,12 @@ def _size_filter(labels: np.ndarray, min_cell_size: int) -> np.ndarray:
 
 def _soft_vote(instance_map: np.ndarray, n: int, type_prob: np.ndarray | None, fg_prob: np.ndarray):
     """Class and class probability per instance: summed class probabilities, argmax over classes 1..C."""
-    inside = instance_map > 0
-    ids = instance_map[inside]
+    ids = instance_map.ravel()
     area = np.maximum(np.bincount(ids, minlength=n + 1)[1:], 1)
     if type_prob is None:
-        mean_fg = np.bincount(ids, weights=fg_prob[inside], minlength=n + 1)[1:] / area
+        mean_fg = np.bincount(ids, weights=fg_prob.ravel(), minlength=n + 1)[1:] / area
         return np.ones(n, dtype=np.int64), mean_fg.astype(np.float32)
-    sums = np.stack([np.bincount(ids, weights=channel, minlength=n + 1)[1:] for channel in type_prob[1:, inside]])
+    sums = np.stack([np.bincount(ids, weights=channel.ravel(), minlength=n + 1)[1:] for channel in type_prob[1:]])
     classes = sums.argmax(axis=0) + 1  # background (channel 0) is never assigned to an instance
     class_probs = sums[classes - 1, np.arange(n)] / area
     return classes.astype(np.int64), class_probs.astype(np.float32)
@@ -409,7 +436,7 @@ def postprocess(
     )
     markers = _markers(seeds, on_contour, profile, min_size)
     if markers.any():
-        labels = watershed(energy, markers, mask=_watershed_mask(mask, profile), connectivity=2)
+        labels = _flood(energy, markers, _watershed_mask(mask, profile))
     else:
         labels = np.zeros(size, dtype=np.int32)
     instance_map = _size_filter(labels, min_size)

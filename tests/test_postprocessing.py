@@ -12,6 +12,7 @@ from monai.transforms import Compose
 from scipy import ndimage as ndi
 from skimage.morphology import convex_hull_image
 
+from cellgap.derivatives import derivative_kernels
 from cellgap.magnification import PROFILE_20X, PROFILE_40X, MagnificationProfile
 from cellgap.postprocessing import (
     CellInstances,
@@ -225,6 +226,17 @@ def test_contour_evidence_fixed_scale_does_not_depend_on_the_field():
     assert torch.allclose(fixed_alone[inner], fixed_field[inner], atol=1e-5)
     minmax_alone, minmax_field = contour_evidence(maps, "minmax"), contour_evidence(field, "minmax")[:, :128]
     assert not torch.allclose(minmax_alone[inner], minmax_field[inner], atol=1e-2)  # the reference quirk
+
+
+def test_contour_evidence_is_the_cross_correlation_of_method_section_4():
+    """Against torch's conv2d (a cross-correlation) with the shared kernels, on a wide image done in strips."""
+    maps = torch.rand(4, 70, 1030) * 2 - 1
+    kernels = derivative_kernels()
+    jump = kernels.abs().sum(dim=(1, 2))
+    response = torch.nn.functional.conv2d(torch.nn.functional.pad(maps[None], (2,) * 4, mode="replicate"), kernels[:, None], groups=4)[0]
+    expected = (0.5 - response / (2 * jump[:, None, None])).amax(dim=0)
+    assert torch.allclose(contour_evidence(maps), expected, atol=1e-5)
+    assert torch.allclose(contour_evidence(maps[:2]), (0.5 - response[:2] / (2 * jump[:2, None, None])).amax(dim=0), atol=1e-5)
 
 
 def test_fixed_scale_meaning():
