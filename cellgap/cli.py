@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
+    from cellgap.study import add_study_arguments, run_study_from_args
+
+    study = sub.add_parser("study", help="run the encoders × splits study grid and write its results (docs/study.md)")
+    add_study_arguments(study)
+    study.set_defaults(func=run_study_from_args)
     enc = sub.add_parser("encoders", help="list the encoder registry")
     enc.set_defaults(func=list_encoders)
     args = parser.parse_args(argv)
