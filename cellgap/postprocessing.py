@@ -196,7 +196,8 @@ def contour_evidence(distance: torch.Tensor, normalisation: str = "fixed") -> to
     before masking by the foreground); high = strong negative derivative, i.e. an instance interface.
 
     ``"fixed"``: 0.5 for a flat map, 1 at an ideal +1 → −1 interface, 0 at an ideal −1 → +1 one, the same
-    wherever the image sits in a larger field.  ``"minmax"``: the reference's per-input min–max normalisation.
+    wherever the image sits in a larger field.  ``"minmax"``: the reference's per-input min–max normalisation
+    (at the image edge with replicate padding, where OpenCV's filter2D in the reference reflects).
     """
     if normalisation not in DISTANCE_NORMALISATIONS:
         raise ValueError(f"normalisation: expected one of {DISTANCE_NORMALISATIONS}, got {normalisation!r}")
