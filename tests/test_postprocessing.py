@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose
 from scipy import ndimage as ndi
@@ -423,6 +423,17 @@ def test_dict_transform_in_a_compose():
     single = CISCAPostProcessingd(keys=("contour", "distance"), mpp=0.5)({"pred": outputs})
     assert np.array_equal(single["pred_instances"][0].numpy(), expected.instance_map)
     assert all(cell["class"] == 1 for cell in single["pred_cells"])
+
+
+def test_dict_transform_keeps_metatensor_metadata_and_takes_bfloat16_logits():
+    contour = torch.zeros(3, 32, 32)
+    contour[2] = 5.0
+    contour[1, 8:20, 8:20] = 9.0
+    item = {"pred": {"contour": MetaTensor(contour.bfloat16(), affine=torch.eye(4) * 2), "distance": torch.zeros(4, 32, 32).bfloat16()}}
+    out = CISCAPostProcessingd(magnification=20)(item)
+    assert isinstance(out["pred_instances"], MetaTensor) and out["pred_instances"].affine[0, 0] == 2
+    assert out["pred_instances"].dtype == torch.int32 and out["pred_types"].dtype == torch.uint8
+    assert [cell["id"] for cell in out["pred_cells"]] == [1] and out["pred_cells"][0]["centroid"] == pytest.approx((13.5, 13.5))
 
 
 def test_dict_transform_errors():
