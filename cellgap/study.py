@@ -597,7 +597,17 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
         record["finished"] = _now()
         record["timings"]["total_s"] = round(time.time() - start, 2)  # this attempt (a reused training not included)
         _json_write(path, record)
+        _release_memory()
     return record
+
+
+def _release_memory() -> None:
+    """Drop what a finished or crashed stage left behind (a CUDA OOM in one cell must not starve the next)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _now() -> str:
@@ -1026,30 +1036,39 @@ def pooled_paired_statistics(pairs, metric: str, n_resamples: int = 2000, n_perm
     A's and B's results of an image at random, in every split.  (The per-split tests of
     :mod:`cellgap.metrics.statistics` work on one table pair; this one keeps the splits apart.)
     """
-    from cellgap.metrics.aggregation import ScoreTable, aggregate, canonical_metric
+    # The statistics module's building blocks: every metric is a function of weighted per-image column sums.
+    from cellgap.metrics.aggregation import _features, aggregate_sums, canonical_metric, weighted_sums
     from cellgap.metrics.statistics import bootstrap_weights
 
     metric = canonical_metric(metric)
     if not pairs:
         raise ValueError("pooled_paired_statistics: no split to compare")
     rng = np.random.default_rng(seed)
-    prepared = []
+    splits = []
     for a, b, protocol in pairs:
         b = b.aligned_with(a)
-        both = ScoreTable.concat([a, b])
-        va, vb = float(aggregate(a, protocol)[metric][0]), float(aggregate(b, protocol)[metric][0])
-        prepared.append((a, b, both, protocol, va - vb, va, vb))
-    delta = float(np.mean([p[4] for p in prepared]))
-    chunk = 256
+        fa, fb = _features(a, protocol), _features(b, protocol)
+        ones = np.ones((1, len(a)))
+        va = float(aggregate_sums(weighted_sums(fa, ones), a.class_names, protocol)[metric][0])
+        vb = float(aggregate_sums(weighted_sums(fb, ones), a.class_names, protocol)[metric][0])
+        splits.append({"a": a, "protocol": protocol, "fa": fa, "fb": fb, "va": va, "vb": vb,
+                       "total_a": {k: v.sum(0) for k, v in fa.items()}, "total_b": {k: v.sum(0) for k, v in fb.items()},
+                       "moved": {k: fb[k] - fa[k] for k in fa}})
+    delta = float(np.mean([s["va"] - s["vb"] for s in splits]))
+    chunk = 512  # replicates per matrix product, to bound memory
+
+    def metric_of(sums, s):
+        return aggregate_sums(sums, s["a"].class_names, s["protocol"])[metric]
+
     diffs = []
     for start in range(0, n_resamples, chunk):
         k = min(chunk, n_resamples - start)
         d = np.zeros(k)
-        for a, b, _, protocol, *_ in prepared:
-            strata = a.tissues if protocol.averaging == "tissue" else None
-            w = bootstrap_weights(len(a), k, rng, strata)
-            d += aggregate(a, protocol, w)[metric] - aggregate(b, protocol, w)[metric]
-        diffs.append(d / len(prepared))
+        for s in splits:
+            strata = s["a"].tissues if s["protocol"].averaging == "tissue" else None
+            w = bootstrap_weights(len(s["a"]), k, rng, strata)
+            d += metric_of(weighted_sums(s["fa"], w), s) - metric_of(weighted_sums(s["fb"], w), s)
+        diffs.append(d / len(splits))
     d = np.concatenate(diffs)
     d = d[np.isfinite(d)]
     alpha = (1 - confidence) / 2
@@ -1059,17 +1078,17 @@ def pooled_paired_statistics(pairs, metric: str, n_resamples: int = 2000, n_perm
     for start in range(0, n_permutations, chunk):
         k = min(chunk, n_permutations - start)
         d = np.zeros(k)
-        for a, _, both, protocol, *_ in prepared:
-            swap = rng.integers(0, 2, size=(k, len(a))).astype(np.float64)
-            wa = np.concatenate([1 - swap, swap], axis=1)  # A's label takes B's result where swapped
-            wb = np.concatenate([swap, 1 - swap], axis=1)
-            d += aggregate(both, protocol, wa)[metric] - aggregate(both, protocol, wb)[metric]
-        d /= len(prepared)
+        for s in splits:
+            swap = rng.integers(0, 2, size=(k, len(s["a"]))).astype(np.float64)
+            moved = weighted_sums(s["moved"], swap)  # what A gains (and B loses) from the swapped images
+            d += (metric_of({key: s["total_a"][key] + moved[key] for key in moved}, s)
+                  - metric_of({key: s["total_b"][key] - moved[key] for key in moved}, s))
+        d /= len(splits)
         count += int((np.abs(d[np.isfinite(d)]) >= abs(delta) - 1e-12).sum())
-    return {"metric": metric, "a": float(np.mean([p[5] for p in prepared])), "b": float(np.mean([p[6] for p in prepared])),
+    return {"metric": metric, "a": float(np.mean([s["va"] for s in splits])), "b": float(np.mean([s["vb"] for s in splits])),
             "difference": delta, "low": float(low), "high": float(high), "p_bootstrap": p_boot,
-            "p_permutation": float((1 + count) / (1 + n_permutations)), "n_splits": len(prepared),
-            "n_images": int(sum(len(p[0]) for p in prepared)), "confidence": confidence}
+            "p_permutation": float((1 + count) / (1 + n_permutations)), "n_splits": len(splits),
+            "n_images": int(sum(len(s["a"]) for s in splits)), "confidence": confidence}
 
 
 def _gap_table(plan: StudyPlan, done: dict, encoders: list[str], summary_stats: dict, metrics: list[str]):
