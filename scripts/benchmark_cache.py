@@ -148,7 +148,14 @@ def main() -> None:
         disk_table(256)
         return
     torch.set_num_threads(args.threads)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cellgap_cache_bench_"))
+    if args.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="cellgap_cache_bench_") as workdir:
+            run(args, Path(workdir))
+    else:
+        run(args, args.workdir)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
     data, samples = build_samples(workdir / "synthetic", args.tiles, args.size)
     decoders = {"default": DEFAULT_DECODER, "light": LIGHT_DECODER, "lighter": LIGHTER_DECODER}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
