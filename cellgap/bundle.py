@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from cellgap import __version__
-from cellgap.encoders import ENCODERS, EncoderSpec, get_encoder_spec
+from . import __version__
+from .encoders import ENCODERS, EncoderSpec, get_encoder_spec
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 BUNDLE_PREFIX = "cisca_"
@@ -121,6 +121,8 @@ def train_config(spec: EncoderSpec) -> dict:
                         "and torch.distributed.get_rank() > 0",
         "network_def": _network_def(),
         "network": "$@network_def.to(@device)",
+        "_desc_network_pred": "the contour logits alone, for single-tensor tools: monai.bundle verify_net_in_out network_pred",
+        "network_pred": {"_target_": "cellgap.network.ContourLogits", "network": "@network_def"},
         "loss": {"_target_": "cellgap.losses.CISCALoss", "num_classes": "@num_classes",
                  "num_contour_classes": "@num_contour_classes", "weights": "@loss_weights", "tversky": "@tversky"},
         "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network_def.decoder.parameters()",
@@ -335,6 +337,7 @@ def multi_gpu_config() -> dict:
             "$@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_STARTED, "
             "lambda engine: @train#sampler.set_epoch(engine.state.epoch))",
             "$@train#trainer.run()",
+            "$print(f'rank {torch.distributed.get_rank()}: trained {@train#trainer.state.iteration} iterations', flush=True)",
         ],
         "finalize": ["$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
     }
@@ -542,3 +545,61 @@ def write_bundle(spec: EncoderSpec | str, bundles_dir: str | os.PathLike) -> Pat
 
 def all_bundle_keys() -> list[str]:
     return list(ENCODERS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-zoo export: a self-contained bundle with the library vendored into scripts/
+# --------------------------------------------------------------------------------------------------
+VENDORED = "scripts.cellgap"
+
+
+def _vendor_strings(obj):
+    """Point every config string at the vendored copy (``cellgap.x`` → ``scripts.cellgap.x``)."""
+    if isinstance(obj, dict):
+        return {k: _vendor_strings(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_vendor_strings(v) for v in obj]
+    if isinstance(obj, str):
+        if obj == "$import cellgap":
+            return "$import scripts"  # MONAI binds `import a.b` as the name "a.b"; expressions need `scripts`
+        return obj.replace("cellgap.", VENDORED + ".") if "cellgap." in obj else obj
+    return obj
+
+
+def export_bundle(spec: EncoderSpec | str, out_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """Write ``<out_dir>/<bundle>_v<version>.zip``: the bundle with the cellgap library copied into its
+    ``scripts/`` (configs pointing at ``scripts.cellgap``), so that it runs with ``python -m monai.bundle run``
+    from its folder on a machine without cellgap.  ``checkpoint``: a trained ``models/model.pt`` to include.
+
+    The library uses relative imports internally, so the copy needs no rewriting."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    spec = get_encoder_spec(spec)
+    name = bundle_name(spec)
+    library = Path(__file__).resolve().parent
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / name
+        for rel, text in render_bundle(spec).items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".json") and rel != "configs/metadata.json":
+                text = _json(_vendor_strings(json.loads(text)))
+            path.write_text(text, encoding="utf-8")
+        shutil.copytree(library, root / "scripts" / "cellgap", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (root / "scripts" / "__init__.py").write_text('"""Custom code of this bundle: a copy of the cellgap library."""\n')
+        if checkpoint is not None:
+            (root / "models").mkdir()
+            shutil.copy(checkpoint, root / "models" / "model.pt")
+        archive = out_dir / f"{name}_v{BUNDLE_VERSION}.zip"
+        partial = archive.with_name(archive.name + ".partial")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                info = zipfile.ZipInfo(str(path.relative_to(root.parent)), date_time=(2020, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, path.read_bytes())  # fixed timestamps: the same bundle gives the same archive
+        os.replace(partial, archive)
+    return archive

@@ -53,11 +53,11 @@ from monai.utils import MAX_SEED
 from torch import nn
 from tqdm.auto import tqdm
 
-from cellgap import __version__
-from cellgap.data.augmentation import INTENSITY_MAX, cisca_augmentations
-from cellgap.data.loading import LoadTiled
-from cellgap.data.prepared import atomic_write_text
-from cellgap.training import PrepareCISCABatch
+from . import __version__
+from .data.augmentation import INTENSITY_MAX, cisca_augmentations
+from .data.loading import LoadTiled
+from .data.prepared import atomic_write_text
+from .training import PrepareCISCABatch
 
 try:  # POSIX; elsewhere concurrent fills of one cache are not serialised
     import fcntl

@@ -11,10 +11,11 @@ import time
 import warnings
 from pathlib import Path
 
-from cellgap.encoders import DEMO_ENCODER, ENCODERS, EncoderWeightsError, FrozenEncoder
+from .encoders import DEMO_ENCODER, ENCODERS, EncoderWeightsError, FrozenEncoder
 
 # A small decoder that trains on 2 CPU cores in a couple of minutes (the study uses the full widths).
-DEMO_DECODER = {"widths": [16, 16, 32, 48, 64, 96], "head_features": 24, "head_width": 16, "norm": "batch"}
+DEMO_DECODER = {"widths": [8, 16, 32, 48, 64, 96], "head_features": 16, "head_width": 8, "norm": "batch",
+                "channels_last": True}
 BANNER = "!" * 100
 
 
@@ -24,7 +25,7 @@ def _say(text: str) -> None:
 
 def demo_bundle(workdir: Path) -> Path:
     """The committed demo bundle when running from a checkout; otherwise rendered into ``workdir``."""
-    from cellgap.bundle import bundle_name, write_bundle
+    from .bundle import bundle_name, write_bundle
 
     committed = Path(__file__).resolve().parents[1] / "bundles" / bundle_name(DEMO_ENCODER)
     if (committed / "configs" / "train.json").is_file():
@@ -69,12 +70,13 @@ def run_demo(args: argparse.Namespace) -> dict:
         "dataset": "synthetic", "dataset_dir": str(workdir / "data"), "num_workers": args.workers,
         "synthetic": {"n_train": args.train_tiles, "n_val": args.val_tiles, "n_test": args.test_tiles, "seed": args.seed,
                       "magnification": args.magnification},
-        "seed": args.seed, "sw_batch_size": 4,
+        "seed": args.seed, "sw_batch_size": 4, "cache_rate": 1.0,
     }
     timings = {}
     start = time.time()
     _say(f"[1/3] training the decoder of bundle {bundle.name} on synthetic tiles ({args.epochs} epochs) → {workdir}")
     _run_bundle([configs / "train.json"], epochs=args.epochs, batch_size=args.batch_size, val_batch_size=4,
+                train_crop_size=args.crop, epoch_length=args.steps or None,
                 learning_rate=args.learning_rate, grad_clip_norm=None, augment_prob_scale=args.augment, **common)
     timings["train_s"] = round(time.time() - start, 1)
 
@@ -89,12 +91,13 @@ def run_demo(args: argparse.Namespace) -> dict:
     inputs = workdir / "inference_input"
     shutil.rmtree(inputs, ignore_errors=True)
     inputs.mkdir()
-    from cellgap.data.prepared import datalist
+    from .data.prepared import datalist
 
     for item in datalist(workdir / "data", "test")[:4]:
         shutil.copy(item["image"], inputs / Path(item["image"]).name)
-    _run_bundle([configs / "inference.json"], input_dir=str(inputs), output_dir=str(workdir / "inference"),
-                **{k: v for k, v in common.items() if k not in ("dataset", "dataset_dir", "synthetic", "seed", "num_workers")})
+    infer = {k: v for k, v in common.items() if k not in ("dataset", "dataset_dir", "synthetic", "seed", "num_workers")}
+    infer["output_dir"] = str(workdir / "inference")
+    _run_bundle([configs / "inference.json"], input_dir=str(inputs), **infer)
     timings["inference_s"] = round(time.time() - t, 1)
     timings["total_s"] = round(time.time() - start, 1)
 
@@ -127,18 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train, evaluate and run the demo bundle on built-in synthetic data (offline)")
     demo.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, logs and outputs go")
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--batch-size", type=int, default=4)
+    demo.add_argument("--epochs", type=int, default=4)
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--crop", type=int, default=128, help="side of the random training crops")
+    demo.add_argument("--steps", type=int, default=75, help="iterations per epoch (0: one pass over the tiles)")
     demo.add_argument("--learning-rate", type=float, default=2e-3)
     demo.add_argument("--augment", type=float, default=0.5, help="scale of the augmentation probabilities (0 = none)")
     demo.add_argument("--train-tiles", type=int, default=64)
     demo.add_argument("--val-tiles", type=int, default=8)
     demo.add_argument("--test-tiles", type=int, default=24)
-    demo.add_argument("--magnification", type=int, default=40, choices=[20, 40])
+    demo.add_argument("--magnification", type=int, default=20, choices=[20, 40])
     demo.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
-    from cellgap.study import add_study_arguments, run_study_from_args
+    from .study import add_study_arguments, run_study_from_args
 
     study = sub.add_parser("study", help="run the encoders × splits study grid and write its results (docs/study.md)")
     add_study_arguments(study)

@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -301,6 +304,35 @@ def _hub_failure_reason(spec: EncoderSpec, error: BaseException) -> str:
     return f"{text}; check the id {spec.model_id!r}, your network and HF_TOKEN, or pass a local folder/file as `weights=`"
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub (skipped behind a proxy, where only the proxy is reachable)."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _offline_unless_hub_reachable():
+    """Use the local hub cache only when the hub cannot be reached: cached weights then load at once,
+    and missing ones fail at once instead of after a minute of download retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def _load_timm_model(spec: EncoderSpec, weights: str | os.PathLike | None) -> nn.Module:
     """Build the timm model of ``spec``: random init (weights=None), hub ("hub") or a local folder/file."""
     kwargs = spec.build_kwargs()
@@ -309,7 +341,8 @@ def _load_timm_model(spec: EncoderSpec, weights: str | os.PathLike | None) -> nn
         return timm.create_model(spec.architecture, pretrained=False, **kwargs)
     if str(weights) == "hub":
         try:
-            return timm.create_model(spec.model_id, pretrained=True, **kwargs)
+            with _offline_unless_hub_reachable():
+                return timm.create_model(spec.model_id, pretrained=True, **kwargs)
         except Exception as e:  # hub, network and auth errors come in many types
             raise EncoderWeightsError(f"encoder {spec.key!r}: cannot load pretrained weights from the hub "
                                       f"({spec.model_id}): {_hub_failure_reason(spec, e)}") from e

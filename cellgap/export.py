@@ -19,7 +19,8 @@ import tifffile
 from monai.transforms import MapTransform
 from skimage.measure import find_contours
 
-from cellgap.visualization import CLASS_COLOURS, overlay, save_png
+from .data.loading import tile_id
+from .visualization import CLASS_COLOURS, overlay, save_png
 
 CELL_COLUMNS = ("id", "centroid_row", "centroid_col", "area_px", "area_um2", "class_id", "class_name", "class_prob")
 
@@ -121,13 +122,12 @@ class SaveCellOutputsd(MapTransform):
         self.image_key = image_key
 
     def _name(self, d: dict) -> str:
+        if d.get("id"):
+            return str(d["id"])
         meta = getattr(d.get(self.image_key), "meta", None) or {}
-        source = meta.get("filename_or_obj") or d.get("id") or "tile"
-        name = Path(str(source)).name
-        for suffix in (".ome.tif", ".tiff", ".tif", ".png", ".jpg", ".jpeg"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return Path(name).stem
+        if not meta.get("filename_or_obj"):
+            raise KeyError("SaveCellOutputsd: no 'id' and no source file name in the image meta; cannot name the outputs")
+        return tile_id(meta["filename_or_obj"])
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellgap.derivatives import derivative_kernels
+from .derivatives import derivative_kernels
 
 # METHOD.md §3: unnormalised weights [contour (K values), type (multiclass only), MAE, MSGE].
 DEFAULT_WEIGHTS_MULTICLASS = (2.0, 1.0, 2.0, 5.0, 2.0, 2.0)

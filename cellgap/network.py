@@ -7,8 +7,8 @@ import os
 import torch
 from torch import nn
 
-from cellgap.decoder import CISCADecoder
-from cellgap.encoders import EncoderSpec, FrozenEncoder
+from .decoder import CISCADecoder
+from .encoders import EncoderSpec, FrozenEncoder
 
 INPUT_MULTIPLE = 32  # the decoder's deepest level is at stride 32
 
@@ -58,3 +58,15 @@ class CellGapNet(nn.Module):
             return self.decode(x, self.forward_features(x))
         self.check_input(x)
         return self.decode(x, [f.to(device=x.device, dtype=x.dtype) for f in features])
+
+
+class ContourLogits(nn.Module):
+    """The network's ``contour`` logits alone, as one tensor: what MONAI's ``verify_net_in_out`` (and
+    other single-output tools) can check, since they cannot read a dict of outputs."""
+
+    def __init__(self, network: CellGapNet):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)["contour"]

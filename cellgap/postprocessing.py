@@ -41,8 +41,8 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 from skimage.segmentation import watershed
 
-from cellgap.derivatives import derivative_kernels
-from cellgap.magnification import MagnificationProfile, disk, profile_for
+from .derivatives import derivative_kernels
+from .magnification import MagnificationProfile, disk, profile_for
 
 DISTANCE_NORMALISATIONS = ("fixed", "minmax")
 

@@ -52,9 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cellgap import __version__
-from cellgap.data.prepared import atomic_write_text
-from cellgap.encoders import ENCODERS, EXTRA_ENCODERS, STUDY_ENCODERS, get_encoder_spec
+from . import __version__
+from .data.prepared import atomic_write_text
+from .encoders import ENCODERS, EXTRA_ENCODERS, STUDY_ENCODERS, get_encoder_spec
 
 # METHOD.md §4 "Choosing T_small": the reference grid of minimum cell sizes per magnification profile.
 # (Belongs beside the other magnification constants; kept here until MagnificationProfile carries it.)
@@ -195,7 +195,7 @@ def resolve_splits(dataset: str, dataset_dir: str | Path | None, splits) -> list
     recorded in their ``dataset.json``; default the official protocols if there are any (PanNuke), else the
     dataset's default protocol.
     """
-    from cellgap.data import registry
+    from .data import registry
 
     entry = registry.get(dataset)
     if isinstance(splits, (str, int)):
@@ -212,7 +212,7 @@ def resolve_splits(dataset: str, dataset_dir: str | Path | None, splits) -> list
         if dataset_dir is None:
             raise ValueError(f"dataset_dir: the {entry.name} study needs the prepared dataset folder "
                              f"(python scripts/prepare_data.py {entry.name} ... --out <folder>)")
-        from cellgap.data.prepared import read_dataset_info
+        from .data.prepared import read_dataset_info
 
         info = read_dataset_info(dataset_dir)
         table = info.extra.get("protocols", {}) if isinstance(info.extra, dict) else {}
@@ -240,7 +240,7 @@ def resolve_splits(dataset: str, dataset_dir: str | Path | None, splits) -> list
 
 def default_min_cell_sizes(magnification: int) -> list[int]:
     """METHOD.md §4 candidate minimum cell sizes for a magnification (via its reference profile)."""
-    from cellgap.magnification import profile_for
+    from .magnification import profile_for
 
     return list(MIN_CELL_SIZE_CANDIDATES[profile_for(magnification=magnification).magnification])
 
@@ -340,7 +340,7 @@ def candidate_suffix(min_cell_size: int) -> str:
 
 
 def _bundle_root(encoder: str, plan: StudyPlan, study_dir: Path) -> Path:
-    from cellgap.bundle import bundle_name, write_bundle
+    from .bundle import bundle_name, write_bundle
 
     if plan.bundles_dir:
         root = Path(plan.bundles_dir) / bundle_name(encoder)
@@ -415,7 +415,7 @@ def _select_min_cell_size(root: Path, overrides: dict, cell: Path, candidates: l
     """Run the trained network once over the validation split; score every candidate minimum cell size."""
     from monai.bundle import ConfigParser
 
-    from cellgap.metrics.aggregation import summarize
+    from .metrics.aggregation import summarize
 
     parser = evaluator = None
     try:
@@ -859,7 +859,7 @@ def _random_line(plan: StudyPlan) -> list[str]:
 
 
 def _dataset_info(plan: StudyPlan, done: dict) -> dict:
-    from cellgap.data.prepared import read_dataset_info
+    from .data.prepared import read_dataset_info
 
     root = Path(plan.dataset_dir) / plan.splits[0].name if plan.dataset == "synthetic" else Path(plan.dataset_dir)
     try:
@@ -875,7 +875,7 @@ def _dataset_info(plan: StudyPlan, done: dict) -> dict:
 
 
 def _mean_sd_table(values: dict[str, list[float]]) -> dict[str, dict]:
-    from cellgap.metrics.statistics import across_splits
+    from .metrics.statistics import across_splits
 
     keys = list(values)
     n = max((len(v) for v in values.values()), default=0)
@@ -967,7 +967,7 @@ def write_results(study_dir: str | Path, plan: StudyPlan | None = None, log: Cal
 
 
 def _canonical(metric: str) -> str:
-    from cellgap.metrics.aggregation import canonical_metric
+    from .metrics.aggregation import canonical_metric
 
     return canonical_metric(metric)
 
@@ -1017,8 +1017,8 @@ def _write_group_tables(results, stem, title, head, plan, encoders, stats, group
 # The gap table: paired statistics on the same test images
 # --------------------------------------------------------------------------------------------------
 def _cell_table_and_protocol(cell: _CellResult, split: str):
-    from cellgap.metrics.protocol import Protocol
-    from cellgap.metrics.report import read_per_image_csv
+    from .metrics.protocol import Protocol
+    from .metrics.report import read_per_image_csv
 
     table = read_per_image_csv(cell.folder / "eval_test" / "per_image.csv", cell.summary.get("class_names"))
     fields = {k: v for k, v in cell.summary["protocol"].items() if k in Protocol.__dataclass_fields__}
@@ -1037,8 +1037,8 @@ def pooled_paired_statistics(pairs, metric: str, n_resamples: int = 2000, n_perm
     :mod:`cellgap.metrics.statistics` work on one table pair; this one keeps the splits apart.)
     """
     # The statistics module's building blocks: every metric is a function of weighted per-image column sums.
-    from cellgap.metrics.aggregation import _features, aggregate_sums, canonical_metric, weighted_sums
-    from cellgap.metrics.statistics import bootstrap_weights
+    from .metrics.aggregation import _features, aggregate_sums, canonical_metric, weighted_sums
+    from .metrics.statistics import bootstrap_weights
 
     metric = canonical_metric(metric)
     if not pairs:
@@ -1092,7 +1092,7 @@ def pooled_paired_statistics(pairs, metric: str, n_resamples: int = 2000, n_perm
 
 
 def _gap_table(plan: StudyPlan, done: dict, encoders: list[str], summary_stats: dict, metrics: list[str]):
-    from cellgap.metrics.statistics import paired_bootstrap, paired_permutation_test
+    from .metrics.statistics import paired_bootstrap, paired_permutation_test
 
     rows, notes = [], []
     general = [e for e in encoders if get_encoder_spec(e).domain == "general"]
@@ -1172,7 +1172,7 @@ def network_cost(encoder: str, num_classes: int, decoder: dict | None = None, re
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cellgap.network import CellGapNet
+    from .network import CellGapNet
 
     def measure(device: str) -> dict:
         with warnings.catch_warnings():
@@ -1316,8 +1316,8 @@ def _figures(results, plan, encoders, summary_stats, class_stats, class_names, t
 # protocol.json and README.md
 # --------------------------------------------------------------------------------------------------
 def _protocol_json(results: Path, plan: StudyPlan, done: dict, statuses: list[dict], info: dict, gap_metrics, cost) -> None:
-    from cellgap.data import registry
-    from cellgap.metrics.report import AVERAGING
+    from .data import registry
+    from .metrics.report import AVERAGING
 
     splits = []
     for s in plan.splits:

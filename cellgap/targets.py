@@ -26,7 +26,7 @@ from monai.utils import convert_to_dst_type, convert_to_tensor
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 
-from cellgap.magnification import MagnificationProfile, profile_for
+from .magnification import MagnificationProfile, profile_for
 
 BOUNDARY, BODY, BACKGROUND, GAP = 0, 1, 2, 3
 CONTOUR_CLASS_COUNTS = (2, 3, 4)

@@ -123,4 +123,12 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     files = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"input_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    from .data.loading import tile_id
+
+    seen: dict[str, str] = {}
+    for f in files:
+        if tile_id(f) in seen:
+            raise ValueError(f"input_dir {folder}: {Path(seen[tile_id(f)]).name} and {Path(f).name} would write the same "
+                             f"outputs ({tile_id(f)}_*); rename one")
+        seen[tile_id(f)] = f
     return files

@@ -161,3 +161,25 @@ def test_weight_errors_name_the_encoder_and_the_fix(tmp_path, monkeypatch):
         FrozenEncoder("virchow2", weights="hub", reduced=True)
     message = str(info.value)
     assert "virchow2" in message and "offline" in message and "HF_TOKEN" in message and "weights=" in message
+
+
+def test_hub_weights_load_from_the_local_hub_cache_offline(tmp_path, monkeypatch):
+    """On a cluster node without network, weights downloaded earlier into the hub cache still load."""
+    import huggingface_hub.constants as hub
+
+    spec = get_encoder_spec(DEMO_ENCODER)
+    torch.manual_seed(2)
+    source = timm.create_model(spec.architecture, pretrained=False, num_classes=0).eval()
+    snapshot = tmp_path / "models--timm--convnext_atto.d2_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    safetensors.torch.save_file(source.state_dict(), str(snapshot / "model.safetensors"))
+    (tmp_path / "models--timm--convnext_atto.d2_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--convnext_atto.d2_in1k" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    loaded = FrozenEncoder(DEMO_ENCODER, weights="hub")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = source.forward_intermediates((x - loaded.mean) / loaded.std, indices=[0, 1, 2, 3], intermediates_only=True)
+    for a, b in zip(loaded(x), expected):
+        torch.testing.assert_close(a, b)

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellgap.data import splits as splitting
-from cellgap.data.download import Source, fetch_sources
-from cellgap.data.native import (
+from . import splits as splitting
+from .download import Source, fetch_sources
+from .native import (
     add_tiles,
     as_uint8_rgb,
     check_instance_map,
@@ -38,7 +38,7 @@ from cellgap.data.native import (
     open_npy,
     sequential,
 )
-from cellgap.data.prepared import DatasetInfo, PreparedWriter
+from .prepared import DatasetInfo, PreparedWriter
 
 NAME = "conic"
 CLASS_NAMES = ("Neutrophil", "Epithelial", "Lymphocyte", "Plasma", "Eosinophil", "Connective")

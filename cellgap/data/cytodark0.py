@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellgap.data import splits as splitting
-from cellgap.data.download import Source, fetch_sources
-from cellgap.data.native import add_tiles, check_instance_map, read_label_image, read_rgb, sequential, tiles
-from cellgap.data.prepared import DatasetInfo, PreparedWriter
+from . import splits as splitting
+from .download import Source, fetch_sources
+from .native import add_tiles, check_instance_map, read_label_image, read_rgb, sequential, tiles
+from .prepared import DatasetInfo, PreparedWriter
 
 NAME = "cytodark0"
 CLASS_NAMES = ("Cell",)

@@ -90,7 +90,7 @@ def _read_checksums(folder: Path) -> dict:
 
 
 def _record_checksum(folder: Path, filename: str, digest: str, origin: str) -> None:
-    from cellgap.data.prepared import atomic_write_text
+    from .prepared import atomic_write_text
 
     data = _read_checksums(folder)
     data[filename] = {"sha256": digest, "source": origin,
@@ -143,7 +143,7 @@ def check_archive(path: str | os.PathLike, filename: str | None = None) -> None:
                         while f is not None and f.read(1 << 20):
                             pass
         elif name.endswith(".npy"):
-            from cellgap.data.native import open_npy
+            from .native import open_npy
 
             open_npy(path, "a complete .npy array")
     except IntegrityError:

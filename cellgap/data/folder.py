@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellgap.data import splits as splitting
-from cellgap.data.native import (
+from . import splits as splitting
+from .native import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIXES,
     add_tiles,
@@ -39,7 +39,7 @@ from cellgap.data.native import (
     strip_suffix,
     tiles,
 )
-from cellgap.data.prepared import EMPTY_POLICIES, DatasetInfo, PreparedWriter
+from .prepared import EMPTY_POLICIES, DatasetInfo, PreparedWriter
 
 NAME = "folder"
 CONFIG = "cellgap.json"

@@ -6,12 +6,23 @@ mismatched shapes silently; cellgap stops with the file name and what was expect
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from cellgap.data.native import read_label_image, read_rgb
+from .native import read_label_image, read_rgb
+
+
+def tile_id(path: str) -> str:
+    """The name of a tile: its file name without the image suffix."""
+    name = Path(str(path)).name
+    for suffix in (".ome.tif", ".tiff", ".tif", ".png", ".jpg", ".jpeg"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 def _meta(path: str, shape: tuple[int, int]) -> dict:
@@ -39,6 +50,7 @@ class LoadTiled(MapTransform):
                 raise KeyError(f"sample {d.get('id', '?')!r}: no 'image' path")
             rgb = read_rgb(image_path)
             d["image"] = MetaTensor(torch.from_numpy(np.moveaxis(rgb, -1, 0).astype(np.float32)), meta=_meta(image_path, rgb.shape[:2]))
+            d.setdefault("id", tile_id(image_path))  # names the outputs even when MetaTensor tracking is off
         if "label" in self.keys and d.get("label"):
             label_path = d["label"]
             label = read_label_image(label_path)

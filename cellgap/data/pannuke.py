@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellgap.data import splits as splitting
-from cellgap.data.download import Source, fetch_sources
-from cellgap.data.native import (
+from . import splits as splitting
+from .download import Source, fetch_sources
+from .native import (
     add_tiles,
     as_integer_labels,
     as_uint8_rgb,
@@ -44,7 +44,7 @@ from cellgap.data.native import (
     safe_name,
     sequential,
 )
-from cellgap.data.prepared import DatasetInfo, PreparedWriter
+from .prepared import DatasetInfo, PreparedWriter
 
 NAME = "pannuke"
 CLASS_NAMES = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")

@@ -28,7 +28,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from cellgap.magnification import MagnificationProfile, profile_for
+from ..magnification import MagnificationProfile, profile_for
 
 MANIFEST = "manifest.csv"
 INFO = "dataset.json"

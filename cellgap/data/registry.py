@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellgap.data import conic, cytodark0, folder, pannuke, synthetic
-from cellgap.data.prepared import DatasetInfo, read_dataset_info
+from . import conic, cytodark0, folder, pannuke, synthetic
+from .prepared import DatasetInfo, read_dataset_info
 
 
 @dataclass(frozen=True)

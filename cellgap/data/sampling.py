@@ -29,7 +29,7 @@ import tifffile
 import torch
 from torch.utils.data import Sampler
 
-from cellgap.targets import instance_classes
+from ..targets import instance_classes
 
 OVERSAMPLING_PRESETS: dict[str, dict] = {
     "pannuke": {"multipliers": (1.0, 1.0, 1.0, 1.0), "clip_percentile": 98.5},

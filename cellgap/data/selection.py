@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellgap.data import registry
-from cellgap.data.prepared import INFO, DatasetInfo, datalist, read_dataset_info
+from . import registry
+from .prepared import INFO, DatasetInfo, datalist, read_dataset_info
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class DatasetSelection:
 
     def metric_protocol(self, split: str = "test"):
         """The metric protocol of this dataset and split (:class:`cellgap.metrics.protocol.Protocol`)."""
-        from cellgap.metrics.protocol import Protocol
+        from ..metrics.protocol import Protocol
 
         preset = "custom"
         if self.name in ("pannuke", "conic"):

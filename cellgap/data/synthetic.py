@@ -36,8 +36,8 @@ from scipy import ndimage
 from skimage.draw import disk as draw_disk
 from tqdm.auto import tqdm
 
-from cellgap.data.prepared import SPLITS, DatasetInfo, PreparedWriter, read_dataset_info, read_manifest
-from cellgap.magnification import MagnificationProfile, profile_for
+from ..magnification import MagnificationProfile, profile_for
+from .prepared import SPLITS, DatasetInfo, PreparedWriter, read_dataset_info, read_manifest
 
 SYNTHETIC_CLASSES = ("tumour", "lymphocyte", "stromal")
 SYNTHETIC_TISSUES = ("tumour", "stroma", "inflamed")

@@ -5,10 +5,10 @@ score images with :func:`score_image`, combine them with :class:`ScoreTable` / :
 and write reports with :func:`write_reports`.  See docs/metrics.md.
 """
 
-from cellgap.metrics.aggregation import KEY_METRICS, ScoreTable, aggregate, canonical_metric, per_tissue, summarize
-from cellgap.metrics.matching import Overlaps, instance_overlaps
-from cellgap.metrics.protocol import Protocol
-from cellgap.metrics.scoring import ImageScore, score_image
+from .aggregation import KEY_METRICS, ScoreTable, aggregate, canonical_metric, per_tissue, summarize
+from .matching import Overlaps, instance_overlaps
+from .protocol import Protocol
+from .scoring import ImageScore, score_image
 
 __all__ = [
     "KEY_METRICS",

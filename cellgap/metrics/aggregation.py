@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellgap.metrics.classification import pq_from_counts, r2_from_sums, type_f1_scores
-from cellgap.metrics.protocol import Protocol
-from cellgap.metrics.scoring import COUNTS, SCALARS, ImageScore
+from .classification import pq_from_counts, r2_from_sums, type_f1_scores
+from .protocol import Protocol
+from .scoring import COUNTS, SCALARS, ImageScore
 
 KEY_METRICS = ("pq", "dq", "sq", "bpq", "mpq", "mpq+", "f1d", "aji", "aji+", "dice", "r2", "type_accuracy")
 ALIASES = {"mpq_plus": "mpq+", "mpqplus": "mpq+", "aji_plus": "aji+", "f1_d": "f1d", "f1": "f1d", "mpq_pannuke": "mpq_tissue"}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellgap.metrics.instance import matched_pairs
-from cellgap.metrics.matching import Overlaps
+from .instance import matched_pairs
+from .matching import Overlaps
 
 PQ_COUNTS = ("tp", "fp", "fn", "iou_sum")
 F1_COUNTS = ("tp", "fp", "fn", "fp_d", "fn_d")

@@ -30,10 +30,10 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
-from cellgap.metrics.aggregation import KEY_METRICS, ScoreTable, canonical_metric, summarize
-from cellgap.metrics.protocol import Protocol
-from cellgap.metrics.report import write_reports
-from cellgap.metrics.scoring import ImageScore, score_image
+from .aggregation import KEY_METRICS, ScoreTable, canonical_metric, summarize
+from .protocol import Protocol
+from .report import write_reports
+from .scoring import ImageScore, score_image
 
 STATE_ATTR = "cell_metrics"
 ITEM_KEYS = ("pred_instances", "pred_types", "gt_instances", "gt_types")

@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from cellgap.metrics.matching import Overlaps, instance_overlaps
+from .matching import Overlaps, instance_overlaps
 
 
 def _ratio(num: float, den: float, empty: bool) -> float:

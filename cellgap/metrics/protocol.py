@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from cellgap.magnification import profile_for
-from cellgap.metrics.matching import CLASS_RULES
+from ..magnification import profile_for
+from .matching import CLASS_RULES
 
 EMPTY_POLICIES = ("skip", "nan")
 AVERAGINGS = ("tissue", "image")

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cellgap.data.prepared import atomic_write_text
-from cellgap.metrics.aggregation import KEY_METRICS, ScoreTable, per_tissue, summarize
-from cellgap.metrics.classification import F1_COUNTS, PQ_COUNTS
-from cellgap.metrics.protocol import Protocol
-from cellgap.metrics.scoring import COUNTS, SCALARS
-from cellgap.metrics.statistics import bootstrap_ci
+from ..data.prepared import atomic_write_text
+from .aggregation import KEY_METRICS, ScoreTable, per_tissue, summarize
+from .classification import F1_COUNTS, PQ_COUNTS
+from .protocol import Protocol
+from .scoring import COUNTS, SCALARS
+from .statistics import bootstrap_ci
 
 PER_IMAGE = "per_image.csv"
 PER_CLASS = "per_class.csv"

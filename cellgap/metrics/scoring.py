@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cellgap.metrics import classification, detection, instance
-from cellgap.metrics.matching import instance_overlaps
-from cellgap.metrics.protocol import Protocol
+from . import classification, detection, instance
+from .matching import instance_overlaps
+from .protocol import Protocol
 
 SCALARS = ("pq", "dq", "sq", "aji", "aji+", "dice", "mpq")
 COUNTS = ("n_gt", "n_pred", "tp", "fp", "fn", "iou_sum", "det_tp", "det_fp", "det_fn", "type_paired", "type_correct")

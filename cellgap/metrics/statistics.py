@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellgap.metrics.aggregation import ScoreTable, _features, aggregate_sums, canonical_metric, weighted_sums
-from cellgap.metrics.protocol import Protocol
+from .aggregation import ScoreTable, _features, aggregate_sums, canonical_metric, weighted_sums
+from .protocol import Protocol
 
 _CHUNK = 512  # replicates per matrix product, to bound memory
 
