@@ -337,7 +337,7 @@ def multi_gpu_config() -> dict:
             "$@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_STARTED, "
             "lambda engine: @train#sampler.set_epoch(engine.state.epoch))",
             "$@train#trainer.run()",
-            "$print(f'rank {torch.distributed.get_rank()}: trained {@train#trainer.state.iteration} iterations', flush=True)",
+            "$print('rank', torch.distributed.get_rank(), 'trained', @train#trainer.state.iteration, 'iterations', flush=True)",
         ],
         "finalize": ["$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
     }
@@ -386,13 +386,13 @@ def metadata(spec: EncoderSpec) -> dict:
                                  "is_patch_data": True,
                                  "channel_def": {"0": "R", "1": "G", "2": "B"}}},
             "outputs": {
-                "pred": {"type": "image", "format": "segmentation", "num_channels": 3, "spatial_shape": ["32*n", "32*n"],
+                "pred": {"type": "image", "format": "labels", "modality": "light microscopy", "num_channels": 3, "spatial_shape": ["32*n", "32*n"],
                          "dtype": "float32", "value_range": [], "is_patch_data": True,
                          "channel_def": {"0": "boundary between touching cells", "1": "cell body", "2": "background"}},
-                "distance": {"type": "image", "format": "magnitude", "num_channels": 4, "spatial_shape": ["32*n", "32*n"],
+                "distance": {"type": "image", "format": "magnitude", "modality": "light microscopy", "num_channels": 4, "spatial_shape": ["32*n", "32*n"],
                              "dtype": "float32", "value_range": [-1, 1], "is_patch_data": True,
                              "channel_def": {"0": "h", "1": "v", "2": "tl", "3": "bl"}},
-                "type": {"type": "probabilities", "format": "classes", "num_channels": "C+1",
+                "type": {"type": "image", "format": "labels", "modality": "light microscopy", "num_channels": "C+1",
                          "spatial_shape": ["32*n", "32*n"], "dtype": "float32", "value_range": [], "is_patch_data": True,
                          "channel_def": {"0": "background", "1..C": "cell classes of the training dataset"}},
             },

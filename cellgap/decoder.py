@@ -19,7 +19,7 @@ STRIDES = (1, 2, 4, 8, 16, 32)  # decoder levels; encoder taps feed strides 4..3
 
 
 def _norm(kind: str | None, channels: int) -> nn.Module:
-    if kind is None or kind == "none":
+    if kind is None or kind in ("none", "null"):  # "null": a JSON value passed through the command line
         return nn.Identity()
     if kind == "batch":
         return nn.BatchNorm2d(channels)
