@@ -68,6 +68,7 @@ class MagnificationProfile:
     tips_border: int
     # Post-processing (METHOD.md §4).
     default_min_cell_size: int
+    min_cell_size_candidates: tuple[int, ...]  # grid searched on the validation split (METHOD.md §4)
     skeleton_dilation: int
     marker_erosion_radius: int
     min_residue_size: int
@@ -94,6 +95,7 @@ PROFILE_20X = MagnificationProfile(
     max_hole_area=3,
     tips_border=13,
     default_min_cell_size=24,
+    min_cell_size_candidates=(17, 20, 23, 26, 29, 32),
     skeleton_dilation=3,
     marker_erosion_radius=1,
     min_residue_size=2,
@@ -115,6 +117,7 @@ PROFILE_40X = MagnificationProfile(
     max_hole_area=8,
     tips_border=21,
     default_min_cell_size=80,
+    min_cell_size_candidates=(50, 55, 60, 65, 70, 75, 80),
     skeleton_dilation=5,
     marker_erosion_radius=2,
     min_residue_size=3,

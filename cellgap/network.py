@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from .decoder import CISCADecoder
 from .encoders import EncoderSpec, FrozenEncoder
 
 INPUT_MULTIPLE = 32  # the decoder's deepest level is at stride 32
+COST_TILE = 256  # FLOPs are reported per 256² tile, the reference tile
 
 
 class CellGapNet(nn.Module):
@@ -70,3 +72,35 @@ class ContourLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)["contour"]
+
+
+def network_cost(encoder: str, num_classes: int, decoder: dict | None = None, reduced: bool = False,
+                 num_contour_classes: int = 3, num_distance_maps: int = 4, tile: int = COST_TILE) -> dict:
+    """Parameters (frozen encoder as run, trainable decoder) and forward GFLOPs of one ``tile``² tile.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs) on a network built
+    on the meta device (no memory, no weights); a random CPU build is the fallback.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def measure(device: str) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.device(device):
+                net = CellGapNet(encoder, num_classes=num_classes, encoder_weights=None, allow_random_encoder=True,
+                                 reduced_encoder=reduced, num_contour_classes=num_contour_classes,
+                                 num_distance_maps=num_distance_maps, decoder=decoder)
+                x = torch.zeros(1, 3, tile, tile)
+            net.eval()
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                net(x)
+        by_module = counter.get_flop_counts()
+        encoder_flops = sum(by_module.get(f"{type(net).__name__}.encoder", {}).values())
+        return {"encoder_params": sum(p.numel() for p in net.encoder.parameters()),
+                "decoder_params": sum(p.numel() for p in net.decoder.parameters()),
+                "gflops": counter.get_total_flops() / 1e9, "encoder_gflops": encoder_flops / 1e9, "counted_on": device}
+
+    try:
+        return measure("meta")
+    except Exception:  # an op without a meta kernel: count on a random CPU build instead
+        return measure("cpu")

@@ -55,10 +55,10 @@ import numpy as np
 from . import __version__
 from .data.prepared import atomic_write_text
 from .encoders import ENCODERS, EXTRA_ENCODERS, STUDY_ENCODERS, get_encoder_spec
+from .network import COST_TILE, network_cost
 
 # METHOD.md §4 "Choosing T_small": the reference grid of minimum cell sizes per magnification profile.
 # (Belongs beside the other magnification constants; kept here until MagnificationProfile carries it.)
-MIN_CELL_SIZE_CANDIDATES = {20: (17, 20, 23, 26, 29, 32), 40: (50, 55, 60, 65, 70, 75, 80)}
 
 # Headline metrics of the tables, in order (keys of the evaluation's summary.json).
 HEADLINE_METRICS = ("pq", "bpq", "mpq", "mpq+", "aji", "dice", "f1d", "dq", "sq", "aji+", "r2")
@@ -73,7 +73,6 @@ STUDY_FILE = "study.json"
 WEIGHTS_RANDOM = ("random", "none")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _CANDIDATE_KEYS = ("pred_instances", "pred_types", "pred_cells")
-COST_TILE = 256  # GFLOPs are reported per 256² tile, the reference tile
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +241,7 @@ def default_min_cell_sizes(magnification: int) -> list[int]:
     """METHOD.md §4 candidate minimum cell sizes for a magnification (via its reference profile)."""
     from .magnification import profile_for
 
-    return list(MIN_CELL_SIZE_CANDIDATES[profile_for(magnification=magnification).magnification])
+    return list(profile_for(magnification=magnification).min_cell_size_candidates)
 
 
 def selection_metric(num_classes: int) -> str:
@@ -1037,7 +1036,7 @@ def pooled_paired_statistics(pairs, metric: str, n_resamples: int = 2000, n_perm
     :mod:`cellgap.metrics.statistics` work on one table pair; this one keeps the splits apart.)
     """
     # The statistics module's building blocks: every metric is a function of weighted per-image column sums.
-    from .metrics.aggregation import _features, aggregate_sums, canonical_metric, weighted_sums
+    from .metrics.aggregation import aggregate_sums, canonical_metric, image_features, weighted_sums
     from .metrics.statistics import bootstrap_weights
 
     metric = canonical_metric(metric)
@@ -1047,7 +1046,7 @@ def pooled_paired_statistics(pairs, metric: str, n_resamples: int = 2000, n_perm
     splits = []
     for a, b, protocol in pairs:
         b = b.aligned_with(a)
-        fa, fb = _features(a, protocol), _features(b, protocol)
+        fa, fb = image_features(a, protocol), image_features(b, protocol)
         ones = np.ones((1, len(a)))
         va = float(aggregate_sums(weighted_sums(fa, ones), a.class_names, protocol)[metric][0])
         vb = float(aggregate_sums(weighted_sums(fb, ones), a.class_names, protocol)[metric][0])
@@ -1162,41 +1161,6 @@ def _write_gap(results: Path, head: list[str], rows: list[list], notes: list[str
 # --------------------------------------------------------------------------------------------------
 # Cost: parameters and GFLOPs per 256² tile
 # --------------------------------------------------------------------------------------------------
-def network_cost(encoder: str, num_classes: int, decoder: dict | None = None, reduced: bool = False,
-                 num_contour_classes: int = 3, num_distance_maps: int = 4, tile: int = COST_TILE) -> dict:
-    """Parameters (frozen encoder as run, trainable decoder) and forward GFLOPs of one ``tile``² tile.
-
-    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs) on a network built
-    on the meta device (no memory, no weights); a random CPU build is the fallback.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .network import CellGapNet
-
-    def measure(device: str) -> dict:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.device(device):
-                net = CellGapNet(encoder, num_classes=num_classes, encoder_weights=None, allow_random_encoder=True,
-                                 reduced_encoder=reduced, num_contour_classes=num_contour_classes,
-                                 num_distance_maps=num_distance_maps, decoder=decoder)
-                x = torch.zeros(1, 3, tile, tile)
-            net.eval()
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                net(x)
-        by_module = counter.get_flop_counts()
-        encoder_flops = sum(by_module.get(f"{type(net).__name__}.encoder", {}).values())
-        return {"encoder_params": sum(p.numel() for p in net.encoder.parameters()),
-                "decoder_params": sum(p.numel() for p in net.decoder.parameters()),
-                "gflops": counter.get_total_flops() / 1e9, "encoder_gflops": encoder_flops / 1e9, "counted_on": device}
-
-    try:
-        return measure("meta")
-    except Exception:  # an op without a meta kernel: count on a random CPU build instead
-        return measure("cpu")
-
-
 def _costs(results: Path, plan: StudyPlan, encoders: list[str], num_classes: int) -> dict:
     """Per encoder cost, cached in ``results/cost.json`` (keyed by everything that changes it)."""
     path = results / "cost.json"

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from cellgap.data.prepared import datalist
+from cellgap.magnification import PROFILE_40X
 from cellgap.metrics import Protocol, ScoreTable, score_image
 from cellgap.metrics.statistics import paired_bootstrap
 from cellgap.metrics.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
+from cellgap.network import network_cost
 from cellgap.study import (
-    MIN_CELL_SIZE_CANDIDATES,
     CandidateOutput,
-    network_cost,
     pooled_paired_statistics,
     resolve_splits,
     run_study,
@@ -162,7 +162,7 @@ def test_min_cell_size_is_chosen_on_val_never_test(study):
             selection = record["min_cell_size"]
             assert selection["split"] == "val" and "val split" in selection["protocol_split"]
             assert set(selection["image_ids"]) == val_ids and not val_ids & test_ids
-            assert selection["candidates"] == list(MIN_CELL_SIZE_CANDIDATES[40])  # synthetic tiles are 40x
+            assert selection["candidates"] == list(PROFILE_40X.min_cell_size_candidates)  # synthetic tiles are 40x
             scores = [c["score"] for c in selection["scores"]]
             assert [c["min_cell_size"] for c in selection["scores"]] == selection["candidates"]
             assert selection["chosen"] == selection["candidates"][int(np.argmax(scores))]

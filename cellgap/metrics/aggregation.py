@@ -133,7 +133,7 @@ class ScoreTable:
         return aligned
 
 
-def _features(table: ScoreTable, protocol: Protocol) -> dict[str, np.ndarray]:
+def image_features(table: ScoreTable, protocol: Protocol) -> dict[str, np.ndarray]:
     """Per-image columns (n, k) whose weighted sums determine every metric."""
     included = ~table.empty if protocol.empty_policy == "skip" else np.ones(len(table), bool)
     inc = included.astype(np.float64)[:, None]
@@ -237,7 +237,7 @@ def aggregate(table: ScoreTable, protocol: Protocol, weights: np.ndarray | None 
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 2 or weights.shape[1] != len(table):
         raise ValueError(f"weights: expected shape (B, {len(table)}), got {weights.shape}")
-    return aggregate_sums(weighted_sums(_features(table, protocol), weights), table.class_names, protocol)
+    return aggregate_sums(weighted_sums(image_features(table, protocol), weights), table.class_names, protocol)
 
 
 def summarize(table: ScoreTable, protocol: Protocol) -> dict[str, float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .aggregation import ScoreTable, _features, aggregate_sums, canonical_metric, weighted_sums
+from .aggregation import ScoreTable, aggregate_sums, canonical_metric, image_features, weighted_sums
 from .protocol import Protocol
 
 _CHUNK = 512  # replicates per matrix product, to bound memory
@@ -41,7 +41,7 @@ def _check(metric: str, value: float, what: str) -> None:
 
 
 def _metric_names(table: ScoreTable, protocol: Protocol, metrics) -> tuple[list[str], dict]:
-    plain = aggregate_sums(weighted_sums(_features(table, protocol), np.ones((1, len(table)))), table.class_names, protocol)
+    plain = aggregate_sums(weighted_sums(image_features(table, protocol), np.ones((1, len(table)))), table.class_names, protocol)
     names = [canonical_metric(m) for m in (metrics if metrics is not None else plain)]
     unknown = [m for m in names if m not in plain]
     if unknown:
@@ -67,7 +67,7 @@ def bootstrap_ci(
     if not 0 < confidence < 1:
         raise ValueError(f"confidence: expected a value in (0, 1), got {confidence}")
     names, plain = _metric_names(table, protocol, metrics)
-    feats = _features(table, protocol)
+    feats = image_features(table, protocol)
     rng = np.random.default_rng(seed)
     strata = table.tissues if stratify_by_tissue else None
     reps = {m: [] for m in names}
@@ -98,7 +98,7 @@ def _paired_setup(table_a: ScoreTable, table_b: ScoreTable, protocol: Protocol, 
     if not np.array_equal(b.tissues, table_a.tissues):
         raise ValueError("paired comparison: the same image ids carry different tissues in the two runs")
     names, plain_a = _metric_names(table_a, protocol, [metric])
-    fa, fb = _features(table_a, protocol), _features(b, protocol)
+    fa, fb = image_features(table_a, protocol), image_features(b, protocol)
     va = float(plain_a[metric][0])
     vb = float(aggregate_sums(weighted_sums(fb, np.ones((1, len(b)))), b.class_names, protocol)[metric][0])
     _check(metric, va, "run A")
