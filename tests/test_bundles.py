@@ -147,3 +147,11 @@ def test_bundle_properties_are_complete(trained, tmp_path):
             warnings.simplefilter("ignore")
             wf.initialize()
             assert wf.check_properties() == [] or wf.check_properties() is None
+
+
+def test_missing_checkpoint_says_how_to_get_one(tmp_path):
+    overrides = {**_common(tmp_path), "ckpt_dir": str(tmp_path / "no_models")}
+    with pytest.raises(Exception) as info:
+        _quiet_run(["train.json", "evaluate.json"], eval_split="test", bootstrap=0, **overrides)
+    text = _chain(info.value)
+    assert "model.pt: missing" in text and "train the bundle first" in text

@@ -183,3 +183,26 @@ def test_hub_weights_load_from_the_local_hub_cache_offline(tmp_path, monkeypatch
         expected = source.forward_intermediates((x - loaded.mean) / loaded.std, indices=[0, 1, 2, 3], intermediates_only=True)
     for a, b in zip(loaded(x), expected):
         torch.testing.assert_close(a, b)
+
+
+def test_encoder_stays_frozen_through_a_monai_trainer_iteration():
+    from monai.engines import SupervisedTrainer
+
+    from cellgap.losses import CISCALoss
+    from cellgap.training import PrepareCISCABatch
+
+    net = CellGapNet(DEMO_ENCODER, num_classes=2, encoder_weights=None, allow_random_encoder=True, decoder=SMALL_DECODER)
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in net.decoder.state_dict().items()}
+    batch = {"image": torch.rand(2, 3, 64, 64), "contour_target": torch.randint(0, 3, (2, 1, 64, 64)),
+             "distance_target": torch.zeros(2, 4, 64, 64), "weight_mask": torch.ones(2, 1, 64, 64),
+             "type_target": torch.randint(0, 3, (2, 1, 64, 64))}
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch, batch], network=net,
+                                optimizer=torch.optim.Adam(net.decoder.parameters(), lr=1e-2), loss_function=CISCALoss(2),
+                                prepare_batch=PrepareCISCABatch(), decollate=False)
+    trainer.run()
+    assert trainer.state.iteration == 2
+    assert net.decoder.training and not any(m.training for m in net.encoder.model.modules())
+    for k, v in net.encoder.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)  # BatchNorm/LayerNorm stats and weights unchanged
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in net.decoder.state_dict().items())
