@@ -34,8 +34,8 @@ def _common(spec: EncoderSpec) -> dict:
     return {
         # MONAI binds `import a.b` as the name "a.b": import the package, then the submodules it must hold.
         "imports": ["$import os", "$import torch", "$import ignite", "$import monai", "$import cellgap",
-                    "$import cellgap.data.augmentation", "$import cellgap.data.sampling", "$import cellgap.data.selection",
-                    "$import cellgap.training"],
+                    "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.sampling",
+                    "$import cellgap.data.selection", "$import cellgap.training"],
         "bundle_root": ".",
         "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
         "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
@@ -116,6 +116,19 @@ def train_config(spec: EncoderSpec) -> dict:
         "augment_prob_scale": 1.0,
         "stain_stats": "$@dataset if @dataset in ('pannuke', 'conic', 'cytodark0') else 'he'",
         "balanced_sampling": False,
+        "_desc_cache_mode": "embedding cache of the frozen encoder's maps: off (features on the fly, random augmentation), "
+                            "clean (no augmentation), views (cache_views fixed augmented views per tile); see docs/cache.md",
+        "cache_mode": "off",
+        "cache_views": 4,
+        "cache_dtype": "float16",
+        "cache_dir": "$os.path.join(@bundle_root, 'cache')",
+        "view_spec": {"_target_": "cellgap.cache.ViewSpec", "mode": "@cache_mode",
+                      "num_views": "$1 if @cache_mode == 'clean' else @cache_views", "seed": "@seed",
+                      "augmentation": {"stain_stats": "@stain_stats", "crop_size": "@train_crop_size",
+                                       "prob_scale": "$0.0 if @cache_mode == 'clean' else @augment_prob_scale"}},
+        "embedding_cache": "$None if @cache_mode == 'off' else cellgap.cache.EmbeddingCache.for_encoder(@cache_dir, "
+                           "@network_def, @encoder_weights, @train#datalist, @view_spec, dataset_id=@dataset_info.name, "
+                           "dtype=@cache_dtype)",
         "seed": 0,
         "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
                         "and torch.distributed.get_rank() > 0",
@@ -135,19 +148,21 @@ def train_config(spec: EncoderSpec) -> dict:
                                       "mpp": "$@dataset_info.mpp", "min_cell_size": "@min_cell_size",
                                       "key_metric": "@key_metric", "cellgap_version": __version__}},
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
+        "train_prepare_batch": "$cellgap.training.PrepareCISCABatch() if @cache_mode == 'off' else "
+                               "cellgap.cache.PrepareCachedCISCABatch(encoder=@network_def.encoder, cache=@embedding_cache)",
         "train": {
             "datalist": "$@data.datalist(@train_split)",
             "preprocessing": {"_target_": "Compose", "transforms": [
                 {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes"},
-                {"_target_": "Compose", "transforms": "$cellgap.data.augmentation.cisca_augmentations("
-                                                      "stain_stats=@stain_stats, crop_size=@train_crop_size, "
-                                                      "prob_scale=@augment_prob_scale)"},
+                "$@view_spec.augmentation_transform()",
                 {"_target_": "cellgap.targets.CISCATargetsd", "magnification": "@magnification",
                  "num_contour_classes": "@num_contour_classes", "num_classes": "@num_classes"},
                 {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
                  "b_max": 1.0, "clip": True},
-                {"_target_": "SelectItemsd", "keys": ["image", "contour_target", "distance_target", "weight_mask",
-                                                      "type_target"]},
+                "$cellgap.cache.CachedFeaturesd(@embedding_cache) if @embedding_cache is not None else monai.transforms.Identityd('image')",
+                {"_target_": "SelectItemsd", "keys": "$['image', 'contour_target', 'distance_target', 'weight_mask', "
+                                                     "'type_target'] + (list(cellgap.cache.CACHE_KEYS) if @embedding_cache "
+                                                     "is not None else [])"},
             ]},
             "dataset": {"_target_": "CacheDataset", "data": "@train#datalist", "transform": "@train#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
@@ -175,7 +190,7 @@ def train_config(spec: EncoderSpec) -> dict:
             ],
             "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@epochs", "epoch_length": "@epoch_length",
                         "device": "@device", "train_data_loader": "@train#dataloader", "network": "@network",
-                        "loss_function": "@loss", "optimizer": "@optimizer", "prepare_batch": "@prepare_batch",
+                        "loss_function": "@loss", "optimizer": "@optimizer", "prepare_batch": "@train_prepare_batch",
                         "inferer": "@train#inferer", "train_handlers": "@train#handlers", "amp": "@amp",
                         "amp_kwargs": {"dtype": "$torch.bfloat16"}, "decollate": False},
         },
@@ -219,7 +234,10 @@ def train_config(spec: EncoderSpec) -> dict:
                           "val_handlers": "@validate#handlers", "amp": "@amp", "amp_kwargs": {"dtype": "$torch.bfloat16"}},
         },
         # MetaTensor tracking costs ~50% of the augmentation time and training needs no metadata.
-        "initialize": ["$monai.utils.set_determinism(seed=@seed)", "$monai.data.set_track_meta(False)"],
+        "initialize": ["$monai.utils.set_determinism(seed=@seed)", "$monai.data.set_track_meta(False)",
+                       "$@embedding_cache is None or cellgap.cache.fill_cache(@network.encoder if hasattr(@network, 'encoder') "
+                       "else @network.module.encoder, @train#datalist, @embedding_cache, "
+                       "transform=cellgap.cache.default_fill_transform(@view_spec, @num_classes))"],
         "run": [
             "$@validate#handlers#0.set_trainer(trainer=@train#trainer)",
             "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, ignite.handlers.TerminateOnNan())",
@@ -330,6 +348,8 @@ def multi_gpu_config() -> dict:
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
             "$monai.utils.set_determinism(seed=@seed)",
             "$monai.data.set_track_meta(False)",
+            "$@embedding_cache is None or cellgap.cache.fill_cache(@network.module.encoder, @train#datalist, "
+            "@embedding_cache, transform=cellgap.cache.default_fill_transform(@view_spec, @num_classes))",
         ],
         "run": [
             "$@validate#handlers#0.set_trainer(trainer=@train#trainer)",

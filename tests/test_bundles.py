@@ -155,3 +155,15 @@ def test_missing_checkpoint_says_how_to_get_one(tmp_path):
         _quiet_run(["train.json", "evaluate.json"], eval_split="test", bootstrap=0, **overrides)
     text = _chain(info.value)
     assert "model.pt: missing" in text and "train the bundle first" in text
+
+
+@pytest.mark.parametrize("mode", ["clean", "views"])
+def test_training_from_the_embedding_cache(mode, tmp_path):
+    overrides = _common(tmp_path, cache_mode=mode, cache_views=2, cache_dir=str(tmp_path / "cache"), augment_prob_scale=0.5)
+    _quiet_run(["train.json"], epochs=2, epoch_length=2, batch_size=2, val_batch_size=2, **overrides)
+    folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(folders) == 1  # one cache, filled once before training and read by both epochs
+    assert (tmp_path / "models" / "model.pt").is_file()
+    complete = np.load(folders[0] / "complete.npy")
+    views = 1 if mode == "clean" else 2
+    assert complete.shape[0] == 4 * views and complete.all()  # 4 training tiles × views, every row verified
