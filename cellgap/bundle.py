@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from . import __version__
+from .atomic import atomic_write_text
 from .encoders import ENCODERS, EncoderSpec, get_encoder_spec
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -555,11 +556,7 @@ def render_bundle(spec: EncoderSpec | str) -> dict[str, str]:
 def write_bundle(spec: EncoderSpec | str, bundles_dir: str | os.PathLike) -> Path:
     root = Path(bundles_dir) / bundle_name(spec)
     for rel, text in render_bundle(spec).items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(root / rel, text)
     return root
 
 

@@ -42,7 +42,7 @@ import os
 import re
 import shutil
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +54,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .atomic import atomic_write_text, jsonable
 from .data.augmentation import INTENSITY_MAX, cisca_augmentations
 from .data.loading import LoadTiled
-from .data.prepared import atomic_write_text
 from .training import PrepareCISCABatch
 
 try:  # POSIX; elsewhere concurrent fills of one cache are not serialised
@@ -78,23 +78,8 @@ _STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 _AUGMENTATION_ARGS = tuple(p for p in inspect.signature(cisca_augmentations).parameters)
 
 
-def _jsonable(value):
-    """Plain JSON data for a key: dataclasses, mappings, tuples and numbers as JSON sees them."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return repr(value)
-
-
 def _digest(value, size: int = 10) -> str:
-    text = json.dumps(_jsonable(value), sort_keys=True)
+    text = json.dumps(jsonable(value), sort_keys=True, default=repr)
     return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
 
 
@@ -204,7 +189,7 @@ class ViewSpec:
 
     def identity(self) -> dict:
         """What the cached maps depend on (goes into the cache key)."""
-        return {"mode": self.mode, "num_views": self.views, "seed": self.seed, "augmentation": _jsonable(self.augmentation)}
+        return {"mode": self.mode, "num_views": self.views, "seed": self.seed, "augmentation": jsonable(self.augmentation)}
 
     def augmentation_transform(self) -> Compose | SeededViewd:
         """The augmentation step of the training pipeline (and of the cache fill) for this mode:
@@ -408,7 +393,7 @@ class EmbeddingCache:
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("embedding cache %s: unreadable key.json (%s); the cache will be rebuilt", self.path, e)
             return
-        if meta.get("key") != _jsonable(self.key):
+        if meta.get("key") != jsonable(self.key):
             raise ValueError(f"{meta_path}: holds a cache with another key than this one (digest collision or a hand-edited "
                              f"folder); remove {self.path} and fill again")
         if len(geometry) != NUM_LEVELS:
@@ -430,7 +415,7 @@ class EmbeddingCache:
         for a in arrays.values():
             a.flush()
         atomic_write_text(self._file("index.json"), json.dumps({"num_views": self.num_views, "tile_ids": self.tile_ids}))
-        atomic_write_text(self._file("key.json"), json.dumps({"key": _jsonable(self.key), "geometry": [list(g) for g in geometry],
+        atomic_write_text(self._file("key.json"), json.dumps({"key": jsonable(self.key), "geometry": [list(g) for g in geometry],
                                                                "storage_dtype": np.dtype(storage).name}, indent=1))
         self.geometry = [tuple(g) for g in geometry]
         self._arrays = arrays

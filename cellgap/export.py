@@ -19,24 +19,17 @@ import tifffile
 from monai.transforms import MapTransform
 from skimage.measure import find_contours
 
+from .atomic import atomic_write_bytes
 from .data.loading import tile_id
 from .visualization import CLASS_COLOURS, overlay, save_png
 
 CELL_COLUMNS = ("id", "centroid_row", "centroid_col", "area_px", "area_um2", "class_id", "class_name", "class_prob")
 
 
-def _atomic_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
 def write_tiff(path: str | os.PathLike, array: np.ndarray) -> Path:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, array, compression="zlib")
-    return _atomic_bytes(Path(path), buffer.getvalue())
+    return atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def cell_rows(cells: Sequence[dict], class_names: Sequence[str], mpp: float | None = None) -> list[dict]:
@@ -56,7 +49,7 @@ def write_cells_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
     writer = csv.DictWriter(text, fieldnames=list(CELL_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return _atomic_bytes(Path(path), text.getvalue().encode())
+    return atomic_write_bytes(Path(path), text.getvalue().encode())
 
 
 def cell_polygons(instances: np.ndarray, offset: tuple[float, float] = (0.0, 0.0)) -> dict[int, list[list[float]]]:
@@ -101,7 +94,7 @@ def geojson_features(instances: np.ndarray, rows: list[dict], offset: tuple[floa
 
 
 def write_geojson(path: str | os.PathLike, features: list[dict]) -> Path:
-    return _atomic_bytes(Path(path), json.dumps({"type": "FeatureCollection", "features": features}).encode())
+    return atomic_write_bytes(Path(path), json.dumps({"type": "FeatureCollection", "features": features}).encode())
 
 
 class SaveCellOutputsd(MapTransform):

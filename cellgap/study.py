@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data.prepared import atomic_write_text
+from .atomic import atomic_write_text, jsonable, write_json
 from .encoders import ENCODERS, EXTRA_ENCODERS, STUDY_ENCODERS, get_encoder_spec
 from .network import COST_TILE, network_cost
 
@@ -263,26 +263,6 @@ def _cell_dir(study_dir: Path, dataset: str, split: str, encoder: str) -> Path:
     return study_dir / "cells" / dataset / split / encoder
 
 
-def _json_write(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n")
-
-
-def _jsonable(obj):
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -396,7 +376,7 @@ def _fingerprint(plan: StudyPlan, split: SplitSpec, encoder: str) -> str:
     """What makes a cell's numbers: a changed setting reruns the cell instead of reusing stale results."""
     key = {"dataset": plan.dataset, "split": asdict(split), "encoder": encoder, "weights": plan.encoder_weights[encoder],
            "overrides": plan.overrides, "min_cell_sizes": plan.min_cell_sizes}
-    text = json.dumps(_jsonable(key), sort_keys=True, default=str)
+    text = json.dumps(jsonable(key), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -536,7 +516,7 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
         "versions": versions(), "history": history,
     }
     path = cell / CELL_FILE
-    _json_write(path, record)
+    write_json(path, record)
     stage = "setup"
     start = time.time()
     try:
@@ -553,7 +533,7 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
                 raise RuntimeError(f"training finished without writing {checkpoint} (did a validation epoch run?)")
             record["timings"]["train_s"] = round(time.time() - t, 2)
             record["stages"]["train"] = {"done": True, "finished": _now()}
-            _json_write(path, record)
+            write_json(path, record)
 
         stage = "select"
         t = time.time()
@@ -563,7 +543,7 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
         record["min_cell_size"] = selection
         record["timings"]["select_s"] = round(time.time() - t, 2)
         record["stages"]["select"] = {"done": True, "finished": _now()}
-        _json_write(path, record)
+        write_json(path, record)
         say(f"  min cell size {selection['chosen']} px (best {selection['metric']} on {selection['n_images']} val images "
             f"over {selection['candidates']})")
 
@@ -595,7 +575,7 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
     finally:
         record["finished"] = _now()
         record["timings"]["total_s"] = round(time.time() - start, 2)  # this attempt (a reused training not included)
-        _json_write(path, record)
+        write_json(path, record)
         _release_memory()
     return record
 
@@ -697,7 +677,7 @@ def run_study(
                      permutations=permutations, confidence=confidence, seed=seed, eval_bootstrap=eval_bootstrap,
                      bundles_dir=str(Path(bundles_dir).resolve()) if bundles_dir is not None else None)
     study_dir.mkdir(parents=True, exist_ok=True)
-    _json_write(study_dir / STUDY_FILE, {**plan.to_json(), "written": _now()})
+    write_json(study_dir / STUDY_FILE, {**plan.to_json(), "written": _now()})
     if any(w == "random" for w in weights.values()):
         say("!" * 100 + "\nRANDOM ENCODER WEIGHTS for " + ", ".join(k for k, w in weights.items() if w == "random")
             + ": their numbers test the pipeline, not the encoders.\n" + "!" * 100)
@@ -1185,7 +1165,7 @@ def _costs(results: Path, plan: StudyPlan, encoders: list[str], num_classes: int
             except Exception as err:  # the cost figure must not stop the results
                 cache[key] = {**settings, "error": _error_chain(err)[-1].splitlines()[0]}
         out[e] = cache[key]
-    _json_write(path, cache)
+    write_json(path, cache)
     return out
 
 
@@ -1327,7 +1307,7 @@ def _protocol_json(results: Path, plan: StudyPlan, done: dict, statuses: list[di
         "versions": versions(),
         "created": _now(),
     }
-    _json_write(results / "protocol.json", doc)
+    write_json(results / "protocol.json", doc)
 
 
 def _readme(results: Path, plan: StudyPlan, head: list[str], written: dict, statuses: list[dict], done: dict) -> None:

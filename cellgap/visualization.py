@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 from skimage.segmentation import find_boundaries
+
+from .atomic import atomic_write_bytes
 
 # Outline colours per class (1..); class 0 is never drawn.  Cycled when there are more classes.
 CLASS_COLOURS = np.array([[255, 255, 0], [0, 255, 0], [0, 160, 255], [255, 0, 255], [255, 128, 0], [0, 255, 255],
@@ -39,12 +42,9 @@ def overlay(image, instances, types=None) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write a PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 class OverlayHandler:

@@ -90,7 +90,7 @@ def _read_checksums(folder: Path) -> dict:
 
 
 def _record_checksum(folder: Path, filename: str, digest: str, origin: str) -> None:
-    from .prepared import atomic_write_text
+    from ..atomic import atomic_write_text
 
     data = _read_checksums(folder)
     data[filename] = {"sha256": digest, "source": origin,

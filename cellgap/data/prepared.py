@@ -20,7 +20,6 @@ import csv
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from ..atomic import atomic_write_text  # noqa: F401  (re-exported for the converters)
 from ..magnification import MagnificationProfile, profile_for
 
 MANIFEST = "manifest.csv"
@@ -87,20 +87,6 @@ class DatasetInfo:
             raise ValueError(f"{source}: missing field(s) {missing}; expected at least {list(required)}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see either the old or the complete new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_dataset_info(root: str | os.PathLike) -> DatasetInfo:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.prepared import atomic_write_text
+from ..atomic import atomic_write_text, write_json
 from .aggregation import KEY_METRICS, ScoreTable, per_tissue, summarize
 from .classification import F1_COUNTS, PQ_COUNTS
 from .protocol import Protocol
@@ -74,20 +73,6 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     writer.writerow(header)
     writer.writerows([[_fmt(v) if not isinstance(v, bool) else str(v) for v in row] for row in rows])
     return buf.getvalue()
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 def _per_image_header(class_names) -> list[str]:
@@ -204,5 +189,5 @@ def write_reports(
         }
     if extra:
         doc["run"] = extra
-    atomic_write_text(paths["summary"], json.dumps(_jsonable(doc), indent=2, ensure_ascii=False) + "\n")
+    write_json(paths["summary"], doc)
     return paths
