@@ -8,18 +8,32 @@ import re
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, OneOf, RandRotate90d, RandSpatialCropd
+from monai.transforms import (
+    Compose,
+    Flip,
+    MedianSmoothd,
+    OneOf,
+    RandGaussianNoised,
+    RandSpatialCropd,
+    Rotate90,
+    ScaleIntensityRanged,
+)
 from monai.utils import set_determinism
 from skimage import color
 
 from cellgap.data.augmentation import (
     STAIN_STATISTICS,
     CheckTiled,
+    ClipIntensityd,
+    MedianSmooth3x3d,
     RandCoarseElasticd,
+    RandDihedrald,
+    RandGaussianNoise32d,
     RandHSVShiftd,
     RandLABStainJitterd,
     cisca_augmentations,
     lab8_to_rgb,
+    median3x3,
     rgb_to_lab8,
     shift_hsv,
     stain_statistics,
@@ -101,8 +115,7 @@ def test_full_pipeline_keeps_label_ids_and_class_correspondence():
 
 def geometric_pipeline(crop_size: int | None, elastic: bool) -> Compose:
     steps = [t for t in cisca_augmentations(crop_size=crop_size, stain_stats=None)
-             if isinstance(t, (CheckTiled, RandSpatialCropd, RandRotate90d))]
-    steps.append(next(t for t in cisca_augmentations(stain_stats=None) if isinstance(t, OneOf)))  # the flips
+             if isinstance(t, (CheckTiled, RandSpatialCropd, RandDihedrald))]
     if elastic:
         steps.append(RandCoarseElasticd(("image", "label", "classes"), prob=1.0))
     return Compose(steps)
@@ -149,20 +162,138 @@ def test_elastic_border_points_inwards_and_zero_magnitude_is_identity():
     np.testing.assert_array_equal(as_numpy(out["label"]), sample["label"])
 
 
-def test_rot90_draws_k_uniformly_over_four_values():
-    rotate = next(t for t in cisca_augmentations() if isinstance(t, RandRotate90d))
-    rotate.set_random_state(11)
-    sample = {k: v for k, v in coordinate_sample(8).items()}
-    corners = {0: (0, 0), 1: (7, 0), 2: (7, 7), 3: (0, 7)}  # where pixel (0,0) goes for k quarter turns
-    counts = dict.fromkeys(corners, 0)
-    n = 500
+def dihedral_moves(array: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """``array`` (C, H, W) after k quarter turns then flip f (none, vertical, horizontal, both)."""
+    out = {}
+    for k in range(4):
+        for f, axes in enumerate(((), (1,), (2,), (1, 2))):
+            moved = np.rot90(array, k, axes=(1, 2))
+            out[k, f] = np.flip(moved, axis=axes) if axes else moved
+    return out
+
+
+def test_dihedral_reaches_all_8_elements_with_the_method_frequencies():
+    dihedral = next(t for t in cisca_augmentations() if isinstance(t, RandDihedrald))
+    dihedral.set_random_state(11)
+    sample = coordinate_sample(8)
+    moves = dihedral_moves(sample["label"])
+    n = 4000
+    draws = np.zeros((4, 4))
+    elements: dict[bytes, int] = {}
     for _ in range(n):
-        label = as_numpy(rotate(dict(sample))["label"])[0]
-        k = next(k for k, (r, c) in corners.items() if label[r, c] == 1)
-        counts[k] += 1
-    expected = {0: 0.1 + 0.9 / 4, 1: 0.9 / 4, 2: 0.9 / 4, 3: 0.9 / 4}
-    for k in corners:
-        assert abs(counts[k] / n - expected[k]) < 0.06, (k, counts)  # ≈ 3 standard errors
+        out = dihedral(dict(sample))
+        label, image = as_numpy(out["label"]), as_numpy(out["image"])
+        np.testing.assert_array_equal(label, moves[dihedral.quarter_turns, dihedral.flip])
+        np.testing.assert_array_equal(image[0] * 8 + image[1] + 1, label[0])  # image and labels moved alike
+        np.testing.assert_array_equal(as_numpy(out["classes"]), label % 7)
+        assert label.dtype == np.int32
+        draws[dihedral.quarter_turns, dihedral.flip] += 1
+        elements[label.tobytes()] = elements.get(label.tobytes(), 0) + 1
+    # Rotation p 0.9 with k uniform in {0..3}; flip p 0.9, uniform among vertical, horizontal, both;
+    # independent, as RandRotate90d followed by a OneOf of three RandFlipd.
+    rotation = np.array([0.1 + 0.9 / 4, 0.9 / 4, 0.9 / 4, 0.9 / 4])
+    flip = np.array([0.1, 0.3, 0.3, 0.3])
+    np.testing.assert_allclose(draws / n, np.outer(rotation, flip), atol=0.015)
+    # The 16 (k, flip) pairs give the 8 elements of the dihedral group (flipping both axes is a half
+    # turn): every element is reached with the summed probability of its pairs.
+    expected: dict[bytes, float] = {}
+    for (k, f), moved in moves.items():
+        expected[moved.tobytes()] = expected.get(moved.tobytes(), 0.0) + rotation[k] * flip[f]
+    assert len(expected) == 8 and set(elements) == set(expected)
+    for key, p in expected.items():
+        assert abs(elements[key] / n - p) < 0.025, (elements[key] / n, p)
+
+
+def test_dihedral_matches_monai_rotate_then_flip():
+    sample = {k: v[:, :, :10].copy() for k, v in coordinate_sample(12).items()}  # not square
+    dihedral = RandDihedrald(("image", "label", "classes"))
+    for k in range(4):
+        for f, axis in enumerate((None, 0, 1, (0, 1))):
+            dihedral.quarter_turns, dihedral.flip = k, f
+            for value in sample.values():
+                expected = Rotate90(k=k)(torch.from_numpy(value)) if k else torch.from_numpy(value)
+                if axis is not None:
+                    expected = Flip(spatial_axis=axis)(expected)
+                np.testing.assert_array_equal(dihedral.apply(value), as_numpy(expected))
+
+
+def test_dihedral_probabilities_zero_and_one():
+    sample = coordinate_sample(8)
+    still = RandDihedrald(("image", "label"), rotate_prob=0.0, flip_prob=0.0)
+    out = still(dict(sample))
+    assert out["label"] is sample["label"]
+    always = RandDihedrald(("image", "label"), rotate_prob=1.0, flip_prob=1.0)
+    always.set_random_state(0)
+    flips = {always.randomize() or always.flip for _ in range(200)}
+    assert flips == {1, 2, 3}
+    with pytest.raises(ValueError, match="rotate_prob"):
+        RandDihedrald(rotate_prob=1.5)
+
+
+def test_elastic_labels_are_gathered_exactly_as_nearest_grid_sampling():
+    elastic = RandCoarseElasticd(("image", "label", "classes"), prob=1.0)
+    elastic.set_random_state(8)
+    sample = blob_sample(3, size=80, n_cells=40)
+    for _ in range(5):
+        out = elastic({k: sample[k] for k in ("image", "label", "classes")})
+        grid = elastic.sampling_grid(80, 80)
+        for key in ("label", "classes"):
+            source = torch.from_numpy(sample[key].astype(np.float32))[None]
+            expected = torch.nn.functional.grid_sample(source, grid, mode="nearest", padding_mode="border",
+                                                       align_corners=True)[0].numpy()
+            moved = as_numpy(out[key])
+            assert moved.dtype == sample[key].dtype  # moved, never interpolated or cast
+            assert np.mean(moved == expected) > 0.999  # rounding ties of the float grid may differ
+        bilinear = torch.nn.functional.grid_sample(torch.from_numpy(sample["image"])[None], grid, mode="bilinear",
+                                                   padding_mode="border", align_corners=True)[0].numpy()
+        np.testing.assert_allclose(as_numpy(out["image"]), bilinear, atol=1e-3)
+
+
+def test_square_crop_passes_tiles_of_the_crop_size_through():
+    crop = next(t for t in cisca_augmentations(crop_size=64) if isinstance(t, RandSpatialCropd))
+    sample = blob_sample(0)  # 64²
+    state = crop.R.get_state()[1].copy()
+    out = crop(dict(sample))
+    assert out["label"] is sample["label"] and out["image"] is sample["image"]
+    np.testing.assert_array_equal(crop.R.get_state()[1], state)  # nothing drawn
+    small = next(t for t in cisca_augmentations(crop_size=32) if isinstance(t, RandSpatialCropd))
+    assert as_numpy(small(dict(sample))["image"]).shape == (3, 32, 32)
+
+
+def test_median3x3_matches_monai_median_smooth():
+    rng = np.random.default_rng(0)
+    images = [rng.random((3, 37, 29)).astype(np.float32) * 255,
+              rng.integers(0, 4, (3, 20, 20)).astype(np.float32),  # many ties
+              rng.integers(0, 256, (1, 3, 5)).astype(np.float32)]
+    for image in images:
+        expected = as_numpy(MedianSmoothd("image", radius=1)({"image": torch.from_numpy(image)})["image"])
+        np.testing.assert_array_equal(median3x3(image), expected)
+        np.testing.assert_array_equal(as_numpy(MedianSmooth3x3d("image")({"image": image})["image"]), expected)
+
+
+def test_float32_noise_has_monais_distribution():
+    image = np.full((3, 64, 64), 100.0, dtype=np.float32)
+    ours, theirs = RandGaussianNoise32d("image", mean=1.0, std=6.0, prob=1.0), RandGaussianNoised("image", mean=1.0, std=6.0, prob=1.0)
+    ours.set_random_state(0)
+    theirs.set_random_state(0)
+    ours_std, theirs_std = [], []
+    for _ in range(300):
+        a, b = as_numpy(ours({"image": image})["image"]), as_numpy(theirs({"image": image})["image"])
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        assert abs((a - 100).mean() - 1.0) < 0.1 + 5 * ours.sampled_std / np.sqrt(a.size)
+        ours_std.append((a - 100).std())
+        theirs_std.append((b - 100).std())
+    # The per-call std is uniform in [0, 6] for both: compare the quantiles of the measured stds.
+    np.testing.assert_allclose(np.quantile(ours_std, [0.1, 0.5, 0.9]), np.quantile(theirs_std, [0.1, 0.5, 0.9]), atol=0.45)
+    np.testing.assert_allclose(np.quantile(ours_std, [0.1, 0.5, 0.9]), [0.6, 3.0, 5.4], atol=0.45)
+
+
+def test_clip_matches_scale_intensity_range_clip():
+    image = np.random.default_rng(1).normal(128, 100, (3, 16, 16)).astype(np.float32)
+    expected = ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=255.0, clip=True)({"image": image})
+    out = ClipIntensityd("image", 0.0, 255.0)({"image": image})
+    np.testing.assert_allclose(as_numpy(out["image"]), as_numpy(expected["image"]), atol=1e-4)
+    assert as_numpy(out["image"]).dtype == np.float32 and image.min() < 0  # the input is not modified
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +306,7 @@ def photometric_transforms() -> list:
     for t in steps:
         if isinstance(t, OneOf):
             members.extend(t.transforms[:-1])  # the last member is the identity
-    return [RandLABStainJitterd(stats="conic"), RandHSVShiftd(prob=1.0), *members[3:], steps[-2]]  # members[:3]: flips
+    return [RandLABStainJitterd(stats="conic"), RandHSVShiftd(prob=1.0), *members, steps[-2]]
 
 
 def test_photometric_transforms_touch_the_image_only():
