@@ -8,6 +8,11 @@ Examples::
     python scripts/prepare_data.py cytodark0 --raw ~/data/cytodark0 --out data/cytodark0_20x --download --magnification 20
     python scripts/prepare_data.py folder --raw ~/my_tiles --out data/my_tiles --class-names tumour,immune --magnification 40
     python scripts/prepare_data.py synthetic --out data/synthetic
+    python scripts/prepare_data.py pannuke --raw ~/data/pannuke_raw --out data/pannuke --pack
+
+``--pack`` also writes the uncompressed memory-mapped copy ``<out>/packed`` that ``LoadTiled`` reads
+≈25× faster (``cellgap.data.packed``; ≈6 bytes per pixel on disk). An existing prepared folder is
+packed with ``python -c "from cellgap.data.packed import pack_dataset; pack_dataset('data/pannuke', overwrite=True)"``.
 
 Prints the prepared folder, its protocols and the split sizes.
 """
@@ -19,6 +24,7 @@ import inspect
 import sys
 from pathlib import Path
 
+from cellgap.data.packed import pack_dataset
 from cellgap.data.prepared import read_dataset_info, read_manifest
 from cellgap.data.registry import DATASETS, get, prepare_dataset
 from cellgap.data.splits import split_sizes
@@ -35,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--archives", nargs="+", help="local copies of the release files (or folders holding them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--pack", action="store_true",
+                        help="also write <out>/packed, the uncompressed memory-mapped tiles LoadTiled reads fastest")
     group = parser.add_argument_group("conversion options (only those that apply to the dataset)")
     group.add_argument("--protocol", help="default protocol written to the split column (pannuke: official1|official2|"
                                           "official3|cisca; conic: cisca; cytodark0: area_holdout|zenodo)")
@@ -94,6 +102,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.pack:
+        try:
+            print(f"packed: {pack_dataset(out, overwrite=True)}")
+        except (ValueError, OSError) as e:
+            print(f"error: packing {out}: {e}", file=sys.stderr)
+            return 1
     info = read_dataset_info(out)
     rows = read_manifest(out)
     print(f"{Path(out)}: {info.name}, {len(rows)} tiles, {info.num_classes} class(es) {list(info.class_names)}, "

@@ -14,6 +14,7 @@ from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform
 
 from .native import read_label_image, read_rgb
+from .packed import check_class_ids, packed_tiles_for
 
 
 def tile_id(path: str) -> str:
@@ -40,18 +41,35 @@ class LoadTiled(MapTransform):
     """Read ``image`` (8-bit RGB PNG/TIFF), ``label`` (integer instance map) and ``classes`` (class map).
 
     Produces ``image`` (3,H,W) float32 in 0..255, ``label`` (1,H,W) int32 and ``classes`` (1,H,W) int32 as
-    MetaTensors carrying the source file name (plain tensors under ``monai.data.set_track_meta(False)``).  An empty or absent ``classes`` path means a single-class
-    dataset: ``classes = label > 0``.  ``num_classes`` (if given) bounds the class ids.
-    Keys absent from ``keys`` are not read (inference reads only ``image``).
+    MetaTensors carrying the source file name (plain tensors under ``monai.data.set_track_meta(False)``).
+    An empty or absent ``classes`` path means a single-class dataset: ``classes = label > 0``.
+    ``num_classes`` (if given) bounds the class ids. Keys absent from ``keys`` are not read (inference
+    reads only ``image``).
+
+    ``packed``: read tiles of a prepared dataset from its memory-mapped copy (``cellgap.data.packed``,
+    ``<root>/packed``) when there is one and the tile's files are unchanged since packing: the same
+    arrays, checked at packing, at ≈0.2 instead of ≈5.6 ms per 256² tile.
     """
 
-    def __init__(self, keys=("image", "label", "classes"), num_classes: int | None = None, allow_missing_keys: bool = True):
+    def __init__(self, keys=("image", "label", "classes"), num_classes: int | None = None, allow_missing_keys: bool = True,
+                 packed: bool = True):
         super().__init__(keys, allow_missing_keys)
         self.num_classes = num_classes
+        self.packed = bool(packed)
+        self._packs: dict = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_packs"] = {}  # memory maps are reopened in the process that reads (workers), never pickled
+        return state
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         image_path = d.get("image")
+        if self.packed and "image" in self.keys and image_path:
+            out = self._from_pack(d, image_path)
+            if out is not None:
+                return out
         if "image" in self.keys:
             if not image_path:
                 raise KeyError(f"sample {d.get('id', '?')!r}: no 'image' path")
@@ -71,6 +89,37 @@ class LoadTiled(MapTransform):
                 d["classes"] = self._classes(d, label, label_path)
         return d
 
+    def _from_pack(self, d: dict, image_path) -> dict | None:
+        tiles = packed_tiles_for(image_path, self._packs)
+        if tiles is None:
+            return None
+        paths = {"image": image_path}
+        label_path = d.get("label") if "label" in self.keys else None
+        classes_path = d.get("classes") if label_path and "classes" in self.keys else None
+        if label_path:
+            paths["label"] = label_path
+        if classes_path:
+            paths["classes"] = classes_path
+        row = tiles.row(**paths)
+        if row is None:
+            return None
+        image = np.array(tiles.images[row], dtype=np.float32)
+        shape = image.shape[1:]
+        d["image"] = _tensor(image, image_path, shape)
+        d.setdefault("id", tile_id(image_path))
+        if label_path:
+            label = tiles.labels[row].astype(np.int32)[None]
+            d["label"] = _tensor(label, label_path, shape)
+            if "classes" in self.keys:
+                if classes_path:
+                    classes = tiles.classes[row].astype(np.int32)[None]
+                    if self.num_classes is not None:
+                        check_class_ids(classes, classes_path, self.num_classes)
+                    d["classes"] = _tensor(classes, classes_path, shape)
+                else:
+                    d["classes"] = _tensor((label > 0).astype(np.int32), label_path, shape)
+        return d
+
     def _classes(self, d: dict, label: np.ndarray, label_path: str) -> torch.Tensor:
         path = d.get("classes")
         if not path:
@@ -78,7 +127,5 @@ class LoadTiled(MapTransform):
         classes = read_label_image(path)
         if classes.shape != label.shape:
             raise ValueError(f"{path}: class map is {classes.shape}, but the instance map is {label.shape}")
-        if classes.min() < 0 or (self.num_classes is not None and classes.max() > self.num_classes):
-            raise ValueError(f"{path}: class ids {int(classes.min())}..{int(classes.max())}; expected 0..{self.num_classes} "
-                             f"(0 = background) for this dataset's {self.num_classes} classes")
+        check_class_ids(classes, path, self.num_classes)
         return _tensor(classes.astype(np.int32)[None], path, classes.shape)

@@ -1,0 +1,120 @@
+"""Tests of cellgap.data.packed: the memory-mapped copy gives LoadTiled the same arrays as the files,
+is ignored for changed files, checks every tile once at packing, and never travels in a pickle."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.data import MetaTensor, set_track_meta
+
+from cellgap.data.loading import LoadTiled
+from cellgap.data.packed import PACKED, pack_dataset
+from cellgap.data.prepared import DatasetInfo, PreparedWriter, datalist
+from cellgap.data.synthetic import generate_tile, synthetic_info
+
+
+def write(root, n: int = 4, size: int = 48, classes: bool = True, sizes: list[int] | None = None) -> list[dict]:
+    info = synthetic_info(40)
+    if not classes:
+        info = DatasetInfo(name="plain", class_names=("cell",), magnification=40, mpp=0.25)
+    with PreparedWriter(root, info) as writer:
+        for index in range(n):
+            tile = generate_tile(index, size=(sizes or [size] * n)[index], magnification=40)
+            writer.add(f"t{index}", tile.image, tile.label, tile.classes if classes else None, split="train")
+    return datalist(root, "train")
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for key in ("image", "label", "classes"):
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+@pytest.mark.parametrize("classes", [True, False])
+def test_packed_tiles_equal_the_files(tmp_path, classes):
+    items = write(tmp_path / "d", classes=classes)
+    files = LoadTiled(num_classes=3, packed=False)
+    expected = [files(item) for item in items]
+    folder = pack_dataset(tmp_path / "d")
+    assert folder == tmp_path / "d" / PACKED
+    assert np.load(folder / "labels.npy", mmap_mode="r").dtype == np.uint16
+    loader = LoadTiled(num_classes=3)
+    for item, reference in zip(items, expected):
+        out = loader(item)
+        assert_same(out, reference)
+        assert isinstance(out["image"], MetaTensor) and out["image"].meta["filename_or_obj"] == item["image"]
+        assert out["id"] == item["id"]
+    assert loader._packs  # read from the pack
+    image_only = LoadTiled(keys=["image"])(items[0])
+    assert torch.equal(image_only["image"], expected[0]["image"]) and "label" in image_only
+    assert image_only["label"] == items[0]["label"]  # not read
+
+
+def test_plain_tensors_without_meta_tracking(tmp_path):
+    items = write(tmp_path / "d", n=1)
+    pack_dataset(tmp_path / "d")
+    try:
+        set_track_meta(False)
+        for packed in (True, False):
+            out = LoadTiled(num_classes=3, packed=packed)(items[0])
+            assert all(type(out[k]) is torch.Tensor for k in ("image", "label", "classes"))
+    finally:
+        set_track_meta(True)
+
+
+def test_changed_files_are_read_from_disk(tmp_path):
+    items = write(tmp_path / "d", n=2)
+    pack_dataset(tmp_path / "d")
+    label = tifffile.imread(items[1]["label"])
+    label[label == label.max()] = 0
+    tifffile.imwrite(items[1]["label"], label.astype(np.int32), compression="zlib")
+    os.utime(items[1]["label"], ns=(1, 1))  # a new mtime even on coarse-clock file systems
+    out = LoadTiled(num_classes=3)(items[1])
+    np.testing.assert_array_equal(out["label"][0].numpy(), label)
+    assert_same(LoadTiled(num_classes=3)(items[0]), LoadTiled(num_classes=3, packed=False)(items[0]))
+    other = dict(items[0], classes=items[1]["classes"])  # paths that were not packed together
+    assert_same(LoadTiled(num_classes=3)(other), LoadTiled(num_classes=3, packed=False)(other))
+
+
+def test_packing_checks_every_tile_and_names_the_file(tmp_path):
+    items = write(tmp_path / "d", n=3)
+    classes = tifffile.imread(items[2]["classes"])
+    classes[0, 0] = 9
+    tifffile.imwrite(items[2]["classes"], classes, compression="zlib")
+    with pytest.raises(ValueError, match=r"t2\.tif: class ids 0\.\.9; expected 0\.\.3"):
+        pack_dataset(tmp_path / "d")
+    assert not (tmp_path / "d" / PACKED).exists() and not (tmp_path / "d" / (PACKED + ".partial")).exists()
+    with open(items[1]["image"], "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(ValueError, match=r"t1\.png: cannot read image"):
+        pack_dataset(tmp_path / "d")
+    mixed = write(tmp_path / "m", n=2, sizes=[48, 32])
+    with pytest.raises(ValueError, match="packing needs one tile size"):
+        pack_dataset(tmp_path / "m")
+    assert mixed and not (tmp_path / "m" / PACKED).exists()
+
+
+def test_loaded_class_ids_are_checked_against_the_loader(tmp_path):
+    items = write(tmp_path / "d", n=2)
+    pack_dataset(tmp_path / "d")
+    with pytest.raises(ValueError, match=r"classes/t\d\.tif: class ids 0\.\.\d; expected 0\.\.1"):
+        for item in items:
+            LoadTiled(num_classes=1)(item)
+
+
+def test_loader_pickles_without_its_memory_maps(tmp_path):
+    items = write(tmp_path / "d", n=1)
+    pack_dataset(tmp_path / "d")
+    loader = LoadTiled(num_classes=3)
+    loader(items[0])
+    copy = pickle.loads(pickle.dumps(loader))
+    assert copy._packs == {} and len(pickle.dumps(loader)) < 10_000
+    assert_same(copy(items[0]), loader(items[0]))
+    with pytest.raises(FileExistsError):
+        pack_dataset(tmp_path / "d")
+    pack_dataset(tmp_path / "d", overwrite=True)
