@@ -1,0 +1,272 @@
+"""Running the grid: every (split, encoder) cell trained, its minimum cell size chosen on val, tested; resumable.
+
+A cell runs in three stages through its encoder's bundle — train, select (:mod:`.selection`), evaluate — and
+``cell.json`` is written atomically after each.  A cell that raises is recorded as ``"failed"`` and the grid
+goes on; a rerun skips cells done with unchanged settings, resumes a cell interrupted after training at the
+selection stage and restarts anything else cleanly.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import write_json
+from ..encoders import get_encoder_spec
+from .bundles import bundle_root, cell_overrides, error_chain, quiet_warnings, run_bundle
+from .cells import CELL_FILE, HEADLINE_METRICS, cell_dir, cell_fingerprint, cell_id, is_done, read_json
+from .plan import STUDY_FILE, SplitSpec, StudyPlan, encoder_list, resolve_splits, weights_kind, weights_table
+from .provenance import now, versions
+from .results import write_results
+from .selection import select_min_cell_size, set_checkpoint_min_cell_size
+
+
+@dataclass
+class StudyReport:
+    """What one :func:`run_study` call did."""
+
+    study_dir: Path
+    results_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    failed: list[str]
+    cells: dict[str, dict]
+
+
+def _log_selection(cell: Path, selection: dict, test_metrics: dict) -> None:
+    """Candidate scores and test metrics as TensorBoard scalars beside the training run."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional for the numbers themselves
+        return
+    writer = SummaryWriter(log_dir=str(cell / "runs" / "study"))
+    try:
+        for s in selection["scores"]:
+            if s["score"] is not None and math.isfinite(s["score"]):
+                writer.add_scalar(f"select_val/{selection['metric']}", s["score"], s["min_cell_size"])
+        for k in HEADLINE_METRICS:
+            v = test_metrics.get(k)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(f"test/{k}", v, selection["chosen"])
+    finally:
+        writer.close()
+
+
+def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, previous: dict | None, resume: bool,
+              say: Callable[[str], None]) -> dict:
+    cell = cell_dir(study_dir, plan.dataset, split.name, encoder)
+    fingerprint = cell_fingerprint(plan, split, encoder)
+    checkpoint = cell / "models" / "model.pt"
+    prev_stages = (previous or {}).get("stages", {})
+    reuse_train = bool(resume and previous and previous.get("fingerprint") == fingerprint
+                       and prev_stages.get("train", {}).get("done") and checkpoint.is_file())
+    history = list((previous or {}).get("history", []))
+    if previous:
+        history.append({k: previous.get(k) for k in ("status", "attempt", "started", "finished", "fingerprint")}
+                       | {"error": (previous.get("error") or {}).get("message")})
+    if not reuse_train:
+        for sub in ("models", "runs", "select_val", "eval_test"):
+            shutil.rmtree(cell / sub, ignore_errors=True)
+    weights = plan.encoder_weights[encoder]
+    record = {
+        "status": "running", "cell": cell_id(plan.dataset, split.name, encoder), "encoder": encoder,
+        "domain": get_encoder_spec(encoder).domain, "dataset": plan.dataset, "split": split.name,
+        "protocol": split.protocol, "data_seed": split.data_seed, "training_seed": plan.overrides.get("seed", 0),
+        "encoder_weights": {"kind": weights_kind(weights), "value": weights},
+        "random_weights": weights == "random", "reduced_encoder": bool(plan.overrides.get("reduced_encoder", False)),
+        "fingerprint": fingerprint, "overrides": plan.overrides, "attempt": int((previous or {}).get("attempt", 0)) + 1,
+        "started": now(), "finished": None, "stages": {"train": prev_stages.get("train", {})} if reuse_train else {},
+        "timings": dict((previous or {}).get("timings", {})) if reuse_train else {},
+        "paths": {"cell": str(cell.relative_to(study_dir)), "checkpoint": "models/model.pt", "tensorboard": "runs",
+                  "selection": "select_val", "evaluation": "eval_test"},
+        "versions": versions(), "history": history,
+    }
+    path = cell / CELL_FILE
+    write_json(path, record)
+    stage = "setup"
+    start = time.time()
+    try:
+        root = bundle_root(encoder, plan, study_dir)
+        record["bundle"] = root.name
+        overrides = cell_overrides(plan, split, encoder, cell, root)
+        if reuse_train:
+            say(f"  train: reusing the finished training ({checkpoint.relative_to(study_dir)})")
+        else:
+            stage = "train"
+            t = time.time()
+            run_bundle(root, ["train.json"], overrides)
+            if not checkpoint.is_file():
+                raise RuntimeError(f"training finished without writing {checkpoint} (did a validation epoch run?)")
+            record["timings"]["train_s"] = round(time.time() - t, 2)
+            record["stages"]["train"] = {"done": True, "finished": now()}
+            write_json(path, record)
+
+        stage = "select"
+        t = time.time()
+        with quiet_warnings():
+            selection = select_min_cell_size(root, overrides, cell, plan.min_cell_sizes)
+        set_checkpoint_min_cell_size(checkpoint, selection["chosen"], selection["metric"])
+        record["min_cell_size"] = selection
+        record["timings"]["select_s"] = round(time.time() - t, 2)
+        record["stages"]["select"] = {"done": True, "finished": now()}
+        write_json(path, record)
+        say(f"  min cell size {selection['chosen']} px (best {selection['metric']} on {selection['n_images']} val images "
+            f"over {selection['candidates']})")
+
+        stage = "evaluate"
+        t = time.time()
+        run_bundle(root, ["train.json", "evaluate.json"],
+                    {**overrides, "eval_split": "test", "min_cell_size": selection["chosen"],
+                     "bootstrap": plan.eval_bootstrap, "eval_dir": str(cell / "eval_test")})
+        summary = read_json(cell / "eval_test" / "summary.json")
+        if summary is None:
+            raise RuntimeError(f"evaluation wrote no {cell / 'eval_test' / 'summary.json'}")
+        record["timings"]["evaluate_s"] = round(time.time() - t, 2)
+        record["stages"]["evaluate"] = {"done": True, "finished": now()}
+        record["test"] = {"split": "test", "metrics": {k: summary["metrics"].get(k) for k in HEADLINE_METRICS},
+                          "n_images": summary["metrics"].get("n_images"), "protocol": summary.get("protocol"),
+                          "class_names": summary.get("class_names")}
+        _log_selection(cell, selection, summary["metrics"])
+        record["status"] = "done"
+    except Exception as e:  # one cell's crash must not stop the grid
+        record["status"] = "failed"
+        chain = error_chain(e)
+        record["error"] = {"stage": stage, "type": type(e).__name__, "message": chain[-1], "chain": chain,
+                           "traceback": traceback.format_exc(limit=20)}
+        say(f"  FAILED in {stage}: {chain[-1].splitlines()[0][:300]}")
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        record["error"] = {"stage": stage, "type": "KeyboardInterrupt", "message": "interrupted"}
+        raise
+    finally:
+        record["finished"] = now()
+        record["timings"]["total_s"] = round(time.time() - start, 2)  # this attempt (a reused training not included)
+        write_json(path, record)
+        _release_memory()
+    return record
+
+
+def _release_memory() -> None:
+    """Drop what a finished or crashed stage left behind (a CUDA OOM in one cell must not starve the next)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_study(
+    study_dir: str | Path,
+    encoders: str | Sequence[str] | None = None,
+    dataset: str = "synthetic",
+    dataset_dir: str | Path | None = None,
+    splits: Sequence[str | int] | str | int | None = None,
+    overrides: Mapping | None = None,
+    encoder_weights: str | Path | Mapping[str, str] | None = "hub",
+    min_cell_sizes: Sequence[int] | None = None,
+    resume: bool = True,
+    *,
+    gap_metrics: Sequence[str] | None = None,
+    bootstrap: int = 2000,
+    permutations: int = 5000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    eval_bootstrap: int = 1000,
+    bundles_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> StudyReport:
+    """Run the grid encoders × splits on one dataset and write ``<study_dir>/results/``.
+
+    Args:
+        study_dir: folder of the study (created); holds ``study.json``, ``cells/`` and ``results/``.
+        encoders: registry keys, or the groups ``"study"`` (default), ``"extra"``, ``"all"``.
+        dataset: ``synthetic``, ``pannuke``, ``conic``, ``cytodark0`` or ``folder``.
+        dataset_dir: the prepared dataset (required except for synthetic, which is generated under
+            ``<dataset_dir or study_dir/data>/<split>``).
+        splits: protocol names (e.g. ``["official1", "official2", "official3"]``), or data seeds for synthetic.
+        overrides: bundle config overrides for every stage of every cell (``epochs``, ``batch_size``,
+            ``decoder``, ``reduced_encoder``, ``synthetic`` …).
+        encoder_weights: ``"hub"``, ``"random"`` (tests/demos only; flagged in every table), a local
+            folder/file, or a dict encoder → one of these (key ``"*"`` sets the default).
+        min_cell_sizes: candidates for the minimum cell size (None: METHOD §4 grid for the magnification).
+        resume: skip cells already done with the same settings; False reruns every cell.
+        gap_metrics: metrics of the gap table (default mPQ+ and bPQ for multi-class data, PQ and F1 for one class).
+        bootstrap, permutations, confidence, seed: paired statistics of the gap table.
+        eval_bootstrap: bootstrap resamples of each cell's own test confidence intervals.
+        bundles_dir: folder of bundles (default the committed ``bundles/``).
+        log: progress printer (default ``print``).
+    """
+    say = log or (lambda text: print(text, flush=True))
+    study_dir = Path(study_dir).expanduser().resolve()
+    enc = encoder_list(encoders)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides: expected a dict of bundle config overrides, got {type(overrides).__name__}")
+    overrides = dict(overrides or {})
+    for reserved in ("bundle_root", "ckpt_dir", "output_dir", "dataset", "dataset_dir", "protocol", "encoder",
+                     "encoder_weights", "allow_random_encoder", "eval_split", "eval_dir", "min_cell_size"):
+        if reserved in overrides:
+            raise ValueError(f"overrides: {reserved!r} is set by the study runner per cell; use the run_study arguments")
+    for name, value, low in (("bootstrap", bootstrap, 1), ("permutations", permutations, 1), ("eval_bootstrap", eval_bootstrap, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: expected an integer ≥ {low}, got {value!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: expected a value in (0, 1), got {confidence}")
+    if min_cell_sizes is not None:
+        if isinstance(min_cell_sizes, (int, str)) or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in min_cell_sizes) \
+                or not len(min_cell_sizes):
+            raise ValueError(f"min_cell_sizes: expected a list of positive pixel counts, got {min_cell_sizes!r}")
+    if dataset == "synthetic":
+        dataset_dir = Path(dataset_dir).expanduser().resolve() if dataset_dir is not None else study_dir / "data"
+    elif dataset_dir is not None:
+        dataset_dir = Path(dataset_dir).expanduser().resolve()
+    split_specs = resolve_splits(dataset, dataset_dir, splits)
+    weights = weights_table(enc, encoder_weights)
+    for key, value in weights.items():
+        if weights_kind(value) == "local" and not Path(value).expanduser().exists():
+            say(f"warning: encoder_weights[{key!r}] = {value} does not exist; its cells will fail")
+    plan = StudyPlan(dataset=str(dataset).lower(), dataset_dir=str(dataset_dir), encoders=enc, splits=split_specs,
+                     overrides=overrides, encoder_weights=weights,
+                     min_cell_sizes=sorted({int(c) for c in min_cell_sizes}) if min_cell_sizes is not None else None,
+                     gap_metrics=list(gap_metrics) if gap_metrics is not None else None, bootstrap=bootstrap,
+                     permutations=permutations, confidence=confidence, seed=seed, eval_bootstrap=eval_bootstrap,
+                     bundles_dir=str(Path(bundles_dir).resolve()) if bundles_dir is not None else None)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_json(study_dir / STUDY_FILE, {**plan.to_json(), "written": now()})
+    if any(w == "random" for w in weights.values()):
+        say("!" * 100 + "\nRANDOM ENCODER WEIGHTS for " + ", ".join(k for k, w in weights.items() if w == "random")
+            + ": their numbers test the pipeline, not the encoders.\n" + "!" * 100)
+
+    ran, skipped, failed, records = [], [], [], {}
+    total = len(enc) * len(split_specs)
+    k = 0
+    for split in split_specs:
+        for encoder in enc:
+            k += 1
+            cell = cell_dir(study_dir, plan.dataset, split.name, encoder)
+            cid = cell_id(plan.dataset, split.name, encoder)
+            previous = read_json(cell / CELL_FILE)
+            fingerprint = cell_fingerprint(plan, split, encoder)
+            if resume and is_done(previous, cell, fingerprint):
+                say(f"[{k}/{total}] {cid}: done earlier, skipped")
+                skipped.append(cid)
+                records[cid] = previous
+                continue
+            why = "new" if previous is None else ("settings changed" if previous.get("fingerprint") != fingerprint
+                                                  else f"retrying ({previous.get('status')})")
+            say(f"[{k}/{total}] {cid}: {why}")
+            record = _run_cell(plan, study_dir, split, encoder, previous, resume, say)
+            records[cid] = record
+            ran.append(cid)
+            if record["status"] != "done":
+                failed.append(cid)
+    results = write_results(study_dir, plan, log=say)
+    say(f"study: {len(ran)} cell(s) run, {len(skipped)} skipped, {len(failed)} failed → {results}")
+    return StudyReport(study_dir, results, ran, skipped, failed, records)
