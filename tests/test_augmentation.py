@@ -13,6 +13,7 @@ from monai.transforms import (
     Flip,
     MedianSmoothd,
     OneOf,
+    RandAdjustContrastd,
     RandGaussianNoised,
     RandSpatialCropd,
     Rotate90,
@@ -28,6 +29,7 @@ from cellgap.data.augmentation import (
     MedianSmooth3x3d,
     RandCoarseElasticd,
     RandDihedrald,
+    RandGammaContrastd,
     RandGaussianNoise32d,
     RandHSVShiftd,
     RandLABStainJitterd,
@@ -286,6 +288,28 @@ def test_float32_noise_has_monais_distribution():
     # The per-call std is uniform in [0, 6] for both: compare the quantiles of the measured stds.
     np.testing.assert_allclose(np.quantile(ours_std, [0.1, 0.5, 0.9]), np.quantile(theirs_std, [0.1, 0.5, 0.9]), atol=0.45)
     np.testing.assert_allclose(np.quantile(ours_std, [0.1, 0.5, 0.9]), [0.6, 3.0, 5.4], atol=0.45)
+
+
+def test_gamma_contrast_matches_monai():
+    image = blob_sample(2)["image"]
+    image[0, 0, 0] = 0.0  # the minimum maps to 0 ** gamma
+    theirs = RandAdjustContrastd("image", gamma=(0.7, 1.4), prob=1.0).set_random_state(4)
+    ours = RandGammaContrastd("image", gamma=(0.7, 1.4), prob=1.0)
+    for _ in range(6):
+        expected = theirs({"image": torch.from_numpy(image)})["image"]
+        ours.randomize = lambda data=None, g=theirs.adjuster.gamma_value: setattr(ours, "gamma_value", g)
+        out = as_numpy(ours({"image": image})["image"])
+        np.testing.assert_allclose(out, as_numpy(expected), atol=2e-3)
+        assert out.dtype == np.float32
+    draws = RandGammaContrastd("image", gamma=(0.7, 1.4), prob=0.5).set_random_state(0)
+    gammas, fired = [], 0
+    for _ in range(2000):
+        draws.randomize()
+        fired += draws._do_transform
+        if draws._do_transform:
+            gammas.append(draws.gamma_value)
+    assert abs(fired / 2000 - 0.5) < 0.04 and 0.7 <= min(gammas) < 0.71 and 1.39 < max(gammas) <= 1.4
+    assert abs(np.mean(gammas) - 1.05) < 0.02
 
 
 def test_clip_matches_scale_intensity_range_clip():

@@ -45,7 +45,6 @@ from monai.transforms import (
     Identityd,
     MapTransform,
     OneOf,
-    RandAdjustContrastd,
     RandGaussianSharpend,
     RandGaussianSmoothd,
     RandomizableTransform,
@@ -209,7 +208,13 @@ def lab8_to_rgb(lab: np.ndarray) -> np.ndarray:
     f[1] = (flat[0] + np.float32(16 * 2.55)) * np.float32(1 / (116 * 2.55))
     f[0] = f[1] + (flat[1] - np.float32(128)) * np.float32(1 / 500)
     f[2] = f[1] - (flat[2] - np.float32(128)) * np.float32(1 / 200)
-    xyz = np.where(f > np.float32(_LAB_DELTA), f * f * f, (f - np.float32(4.0 / 29.0)) * np.float32(3 * _LAB_DELTA**2))
+    # The cube, then the linear segment for the few values at or below delta (very dark or strongly
+    # chromatic pixels): np.where over every value costs ≈3× the whole cube.
+    xyz = f * f
+    xyz *= f
+    low = f <= np.float32(_LAB_DELTA)
+    if low.any():
+        xyz[low] = (f[low] - np.float32(4.0 / 29.0)) * np.float32(3 * _LAB_DELTA**2)
     return _lookup(_ENCODE_TABLE, _mix(_XYZN_TO_RGB, xyz)).reshape(lab.shape)
 
 
@@ -669,6 +674,47 @@ class RandGaussianNoise32d(RandomizableTransform, MapTransform):
         return d
 
 
+class RandGammaContrastd(RandomizableTransform, MapTransform):
+    """MONAI's ``RandAdjustContrastd`` (gamma uniform in ``gamma``; x → ((x − min)/range)^γ·range + min over
+    the whole image, drawn with the same ``self.R`` calls) with the power as exp(γ·log t): torch's float32
+    ``pow`` costs ≈2× log + exp on the dev machine (1.6 against 0.7 ms per 256² RGB image)."""
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, keys: KeysCollection = "image", gamma: tuple[float, float] = (0.7, 1.4), prob: float = 0.1,
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        low, high = (float(g) for g in gamma)
+        if not (0 < low <= high and np.isfinite(high)):
+            raise ValueError(f"gamma: expected a range 0 < low ≤ high, got {gamma!r}")
+        self.gamma = (low, high)
+        self.gamma_value = 1.0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.gamma_value = self.R.uniform(low=self.gamma[0], high=self.gamma[1])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(_numpy(d[key]), dtype=torch.float32)
+            low, high = (float(v) for v in torch.aminmax(image))
+            spread = high - low
+            out = (image - low) / float(spread + 1e-7)  # MONAI's epsilon
+            torch.log_(out)  # log 0 = −inf, and exp(−inf) = 0 = 0^γ
+            out *= float(self.gamma_value)
+            torch.exp_(out)
+            out *= spread
+            out += low
+            d[key] = _like(out.numpy(), d[key])
+        return d
+
+
 class ClipIntensityd(MapTransform):
     """Clip to ``low``..``high`` as float32 (what ``ScaleIntensityRanged`` with an identical source and
     target range and ``clip=True`` computes, less its ≈0.5 ms of bookkeeping per call)."""
@@ -759,7 +805,7 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     ]
     out.append(_one_of(blur_noise, [0.3, 0.15, 0.2, 0.2], p(0.15), image_key))
     contrast = [
-        RandAdjustContrastd(image_key, gamma=(0.7, 1.4), prob=1.0),
+        RandGammaContrastd(image_key, gamma=(0.7, 1.4), prob=1.0),
         RandScaleIntensityFixedMeand(image_key, factors=0.15, fixed_mean=True, prob=1.0),
         RandScaleIntensityd(image_key, factors=0.2, prob=1.0),
     ]
