@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from monai.utils import convert_to_dst_type, convert_to_tensor
+from monai.utils import convert_to_dst_type
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 
@@ -70,6 +70,10 @@ def _instance_map(label, name: str = "label") -> np.ndarray:
             raise ValueError(f"{name}: expected an instance map with ids ≥ 0 (0 = background), found negative id {label.min()}")
         return label
     if label.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):  # NaN, inf and out-of-range values fail the check below
+            ints = label.astype(np.int32)
+        if label.size and ints.min() >= 0 and np.array_equal(ints, label):  # the usual case, in two passes
+            return ints
         if not np.all(np.isfinite(label)):
             raise ValueError(f"{name}: expected an integer-valued instance map, found NaN or infinite values")
         if not np.array_equal(label, np.round(label)):
@@ -232,6 +236,8 @@ def _components_below(mask: np.ndarray, size: int, connectivity: np.ndarray) -> 
     """
     if size <= 1 or not mask.any():
         return np.zeros(mask.shape, dtype=bool)
+    if size <= 3 and (size == 2 or len(connectivity) == 4):
+        return _tiny_components(mask, size, len(connectivity) == 8)
     candidates = mask & _enclosed(~mask, size - 1)
     pixels = np.flatnonzero(candidates)
     if pixels.size == 0:
@@ -259,6 +265,39 @@ def _components_below(mask: np.ndarray, size: int, connectivity: np.ndarray) -> 
     out = np.zeros(height * width, dtype=bool)
     out[pixels[small]] = True
     return out.reshape(height, width)
+
+
+def _tiny_components(mask: np.ndarray, size: int, eight: bool) -> np.ndarray:
+    """Pixels of ``mask`` in components of 1 pixel (size 2) or of 1-2 pixels (size 3, 4-connected).
+
+    Whole-array neighbour counts instead of the pixel-list grouping of ``_components_below``:
+    about 30 µs instead of 160-290 µs per 256² call; the clean-up rules and the 20x hole and
+    fragment sizes are this small.
+    """
+    height, width = mask.shape
+    padded = np.zeros((height + 2, width + 2), dtype=bool)
+    padded[1:-1, 1:-1] = mask
+    shifts = [(0, 1), (1, 0), (1, 2), (2, 1)]
+    if eight:
+        shifts += [(0, 0), (0, 2), (2, 0), (2, 2)]
+    if size == 2:
+        neighbour = np.zeros((height, width), dtype=bool)
+        for r, c in shifts:
+            neighbour |= padded[r : r + height, c : c + width]
+        return mask & ~neighbour
+    count = np.zeros((height, width), dtype=np.uint8)
+    for r, c in shifts:
+        count += padded[r : r + height, c : c + width]
+    single = mask & (count == 0)
+    # A pair: two adjacent pixels that each have exactly one neighbour (necessarily each other).
+    one = mask & (count == 1)
+    pair = one[:, :-1] & one[:, 1:]
+    single[:, :-1] |= pair
+    single[:, 1:] |= pair
+    pair = one[:-1] & one[1:]
+    single[:-1] |= pair
+    single[1:] |= pair
+    return single
 
 
 def _fill_holes(mask: np.ndarray, max_area: int) -> np.ndarray:
@@ -424,66 +463,94 @@ def distance_maps(label: np.ndarray, mode: str = "fullrange", profile: Magnifica
         raise ValueError("profile: mode='tips' needs a MagnificationProfile for its border width (profile.tips_border)")
     label, count = _compact_ids(_instance_map(label))
     height, width = label.shape
-    maps = np.zeros((4, height * width), dtype=np.float32)
-    pixels = np.flatnonzero(label)
-    if pixels.size == 0:
-        return maps.reshape(4, height, width)
-    ids = label.ravel()[pixels]
+    maps = np.zeros((4, height, width), dtype=np.float32)
+    if count == 0:
+        return maps
+    if count > _MAX_TABLE_IDS:  # many distinct ids: keep the per-id tables short
+        label, count = _dense_ids(label)
+    lows, highs = _coordinate_extremes(label, count)
+    skipped = (highs[0] <= lows[0]) | (highs[1] <= lows[1])  # bounding box 1 px wide or high (or absent id)
+    lows[:, skipped] = 0
+    highs[:, skipped] = 0
+    # Each map is a function of (instance, coordinate) only: tabulate it for each instance over its
+    # own coordinate range (the same float64 formula per value as per pixel), then gather once per
+    # pixel. About 0.6 instead of 1.5-2 ms per crowded 256² tile at 40x (per-pixel gathers/scatters).
+    length = height + width - 1  # table columns, enough for every coordinate
+    first = (0, 0, 0, -(height - 1))  # coordinate of table column 0 (bl = col - row can be negative)
+    kept = np.flatnonzero(~skipped)
+    base = label.astype(np.intp) * length
+    index = np.empty_like(base)
+    for channel in range(4):
+        low, high = lows[channel][kept], highs[channel][kept]
+        extent = high - low + 1
+        owner = np.repeat(np.arange(kept.size), extent)  # table entry → instance (position in kept)
+        coordinate = np.arange(owner.size) + (low - (np.cumsum(extent) - extent))[owner]
+        if mode == "fullrange":
+            span = high - low
+            scale = np.where(span > 0, 2.0 / np.maximum(span, 1), 0.0)
+            offset = np.where(span > 0, -1.0 - np.where(span > 0, low, 0) * scale, -1.0)
+            values = scale[owner] * coordinate + offset[owner]
+        elif channel < 2:
+            values = _tips_profile(coordinate - low[owner], extent[owner], profile.tips_border)
+        else:
+            values = _tips_diagonal(coordinate, low[owner], high[owner], TIPS_DIAGONAL_FACTOR * profile.tips_border)
+        table = np.zeros((count + 1) * length, dtype=np.float32)  # background and skipped ids: 0
+        table[kept[owner] * length + (coordinate - first[channel])] = values
+        np.add(base, _coordinate_grids(height, width)[channel], out=index)
+        np.take(table, index, out=maps[channel], mode="clip")  # mode "raise" with out= is 3× slower
+    return maps
+
+
+# Above this many ids, distance_maps renumbers them densely first (its tables have one row per id).
+_MAX_TABLE_IDS = 4096
+
+
+def _dense_ids(label: np.ndarray) -> tuple[np.ndarray, int]:
+    """Renumber the ids of ``label`` to 0..n in increasing order (0 stays 0)."""
+    ids, inverse = np.unique(label, return_inverse=True)
+    if ids[0] != 0:
+        inverse = inverse + 1
+    inverse = inverse.reshape(label.shape)
+    return inverse, int(inverse.max())
+
+
+@lru_cache(maxsize=32)
+def _coordinate_grids(height: int, width: int) -> np.ndarray:
+    """(4, H, W) table columns of each pixel: col, row, row + col, col - row + H - 1."""
+    rows, cols = np.indices((height, width), dtype=np.intp)
+    grids = np.stack([cols, rows, rows + cols, cols - rows + height - 1])
+    grids.flags.writeable = False
+    return grids
+
+
+def _coordinate_extremes(label: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-id min and max of col, row, row + col and col - row, each (4, count + 1) intp.
+
+    Only the instances' edge pixels (a 4-neighbour of another id, or the image border) are
+    visited: a linear coordinate cannot be extreme at an interior pixel, whose four neighbours
+    include a smaller and a larger value. Absent ids keep low > high.
+    """
+    height, width = label.shape
+    small = _small_id_dtype(label)  # comparisons on uint8 rather than int64
+    edge = np.zeros((height, width), dtype=bool)
+    edge[[0, -1], :] = True
+    edge[:, [0, -1]] = True
+    vertical = small[1:] != small[:-1]
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    horizontal = small[:, 1:] != small[:, :-1]
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    edge &= small > 0
+    pixels = np.flatnonzero(edge)
+    ids = small.ravel()[pixels].astype(np.intp)
     rows, cols = np.divmod(pixels, width)
-    coordinates = (cols, rows, rows + cols, cols - rows)  # h, v, tl, bl
-    # Per-instance extremes of each coordinate (absent ids keep low > high).
     lows = np.full((4, count + 1), np.iinfo(np.intp).max, dtype=np.intp)
     highs = np.full((4, count + 1), np.iinfo(np.intp).min, dtype=np.intp)
-    for channel, coordinate in enumerate(coordinates):
+    for channel, coordinate in enumerate((cols, rows, rows + cols, cols - rows)):
         np.minimum.at(lows[channel], ids, coordinate)
         np.maximum.at(highs[channel], ids, coordinate)
-    skipped = (highs[0] <= lows[0]) | (highs[1] <= lows[1])  # bounding box 1 px wide or high
-    if mode == "fullrange":
-        # value = scale·coordinate + offset per instance: two gathers per channel, no per-pixel lows/highs.
-        span = highs - lows
-        scale = np.where(span > 0, 2.0 / np.maximum(span, 1), 0.0)
-        offset = np.where(span > 0, -1.0 - np.where(span > 0, lows, 0) * scale, -1.0)
-        scale[:, skipped] = 0.0
-        offset[:, skipped] = 0.0
-        for channel, coordinate in enumerate(coordinates):
-            maps[channel, pixels] = scale[channel][ids] * coordinate + offset[channel][ids]
-    else:
-        border = profile.tips_border
-        for channel, coordinate in enumerate(coordinates):
-            low, high = lows[channel][ids], highs[channel][ids]
-            if channel < 2:
-                value = _tips_profile(coordinate - low, high - low + 1, border)
-            else:
-                value = _tips_diagonal(coordinate, low, high, TIPS_DIAGONAL_FACTOR * border)
-            maps[channel, pixels] = np.where(skipped[ids], 0.0, value)
-    return maps.reshape(4, height, width)
-    ids = label[rows, cols]
-    coordinates = (cols, rows, rows + cols, cols - rows)  # h, v, tl, bl
-    lows, highs = [], []
-    for coordinate in coordinates:
-        low = np.full(count + 1, np.iinfo(np.intp).max, dtype=np.intp)
-        high = np.full(count + 1, np.iinfo(np.intp).min, dtype=np.intp)
-        np.minimum.at(low, ids, coordinate)
-        np.maximum.at(high, ids, coordinate)
-        lows.append(low[ids])
-        highs.append(high[ids])
-    # Bounding box 1 px high or wide: the instance is skipped.
-    kept = (highs[0] > lows[0]) & (highs[1] > lows[1])
-    rows, cols, ids = rows[kept], cols[kept], ids[kept]
-    coordinates = [c[kept] for c in coordinates]
-    lows = [low[kept] for low in lows]
-    highs = [high[kept] for high in highs]
-    if mode == "fullrange":
-        values = [_normalised(c, lo, hi) for c, lo, hi in zip(coordinates, lows, highs)]
-    else:
-        border = profile.tips_border
-        values = [_tips_profile(c - lo, hi - lo + 1, border) for c, lo, hi in zip(coordinates[:2], lows[:2], highs[:2])]
-        values += [
-            _tips_diagonal(c, lo, hi, TIPS_DIAGONAL_FACTOR * border) for c, lo, hi in zip(coordinates[2:], lows[2:], highs[2:])
-        ]
-    for channel, value in enumerate(values):
-        maps[channel, rows, cols] = value
-    return maps
+    return lows, highs
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,7 +716,12 @@ class CISCATargetsd(MapTransform):
                 d[key] = _like(label[None], source, torch.int32)
             classes = self._class_map(d, label)
             levels = contour_levels(label, self.profile)
-            d["contour_target"] = _like(contour_classes(levels, self.num_contour_classes)[None], source, torch.int64)
+            # contour_classes without its table gather (same values), straight to the int64 of the target
+            if self.num_contour_classes == 3:
+                levels = np.minimum(levels, BACKGROUND, out=levels)
+            elif self.num_contour_classes == 2:
+                levels = (levels >= BACKGROUND).view(np.uint8)
+            d["contour_target"] = _like(levels.astype(np.int64)[None], source, torch.int64)
             d["distance_target"] = _like(distance_maps(label, self.distance_mode, self.profile), source, torch.float32)
             d["weight_mask"] = _like(weight_mask(label, self.weight_radius)[None], source, torch.float32)
             d["type_target"] = _like(classes[None], source, torch.int64)
@@ -660,7 +732,8 @@ def _like(array: np.ndarray, reference, dtype: torch.dtype) -> torch.Tensor:
     """Torch tensor of ``array``; a MetaTensor with the reference's metadata if it is one."""
     if isinstance(reference, MetaTensor):
         return convert_to_dst_type(array, reference, dtype=dtype)[0]
-    return convert_to_tensor(array, dtype=dtype, track_meta=False)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))  # no copy; convert_to_tensor costs ~60 µs a call
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 __all__ = [
