@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The training-throughput / MFU benchmark (scripts/benchmark_training.py) on a lent GPU machine, in ONE call.
+#
+# 1. Here, on the development machine, from the repository root (the wheels are never committed; .whl/ is
+#    ignored through .git/info/exclude, which the fetch script sets up):
+#
+#        bash scripts/fetch_device_wheels.sh
+#
+#    which runs (versions from requirements.txt; all three are pure-Python wheels, about 5.2 MiB together;
+#    their own requirements, numpy, torch and packaging, are already in the GPU image):
+#
+#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
+#            -d .whl monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2
+#
+# 2. The call, with the device tool:
+#
+#        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=480)
+#
+#    The benchmark stops starting encoders after BUDGET seconds (default 300; most important encoders first),
+#    is interrupted at BUDGET + 90 s at the latest and still prints its table, so the call ends in about
+#    6–7 minutes and leaves device time for a second try.  Arguments after the script name go to
+#    benchmark_training.py (e.g. `bash scripts/device_benchmark.sh --encoders vit_l16_21k,uni`).
+#
+# What comes back under $OUT: benchmark_training.json (full record), benchmark_training.log (everything
+# printed, tracebacks included) and nvidia-smi.txt.  The Markdown table is the last thing printed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/device}
+BUDGET=${BUDGET:-300}
+mkdir -p "$OUT"
+
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "no wheels in .whl/: run scripts/fetch_device_wheels.sh first and pass carry=[\".whl\"]" >&2
+    exit 2
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
+    --format=csv; nproc; free -g; } > "$OUT/nvidia-smi.txt" 2>&1
+cat "$OUT/nvidia-smi.txt"
+python3 -c "import torch, timm, monai, ignite, nibabel, cellgap.bundle, cellgap.targets; \
+print('python3', __import__('sys').version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, \
+'monai', monai.__version__, 'ignite', ignite.__version__, 'cuda available', torch.cuda.is_available())" || exit 4
+
+timeout --signal=INT --kill-after=30 $((BUDGET + 90)) \
+    python3 scripts/benchmark_training.py --device cuda --time-budget "$BUDGET" --out "$OUT/benchmark_training.json" "$@" \
+    2>&1 | tee "$OUT/benchmark_training.log"
+rc=${PIPESTATUS[0]}
+echo "benchmark_training.py exit status $rc"
+exit "$rc"
