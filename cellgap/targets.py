@@ -72,7 +72,8 @@ def _instance_map(label, name: str = "label") -> np.ndarray:
     if label.dtype.kind == "f":
         with np.errstate(invalid="ignore"):  # NaN, inf and out-of-range values fail the check below
             ints = label.astype(np.int32)
-        if label.size and ints.min() >= 0 and np.array_equal(ints, label):  # the usual case, in two passes
+        # Compared in the label's own float dtype (exact for int32 values): no float64 temporaries.
+        if label.size and ints.min() >= 0 and np.array_equal(ints.astype(label.dtype), label):
             return ints
         if not np.all(np.isfinite(label)):
             raise ValueError(f"{name}: expected an integer-valued instance map, found NaN or infinite values")
@@ -300,6 +301,54 @@ def _tiny_components(mask: np.ndarray, size: int, eight: bool) -> np.ndarray:
     return single
 
 
+def _dilate_square3(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by the 3×3 square (8-neighbourhood), in four whole-array ORs."""
+    height, width = mask.shape
+    padded = np.zeros((height + 2, width + 2), dtype=bool)
+    padded[1:-1, 1:-1] = mask
+    rows = padded[:, :-2] | padded[:, 1:-1]
+    rows |= padded[:, 2:]
+    out = rows[:-2] | rows[1:-1]
+    out |= rows[2:]
+    return out
+
+
+def _reconstruct(seed: np.ndarray, mask: np.ndarray, max_rounds: int = 24) -> np.ndarray:
+    """Morphological reconstruction by dilation of ``seed`` under ``mask`` (8-connectivity): the
+    8-connected components of ``mask`` that contain a seed pixel.
+
+    Geodesic 3×3 dilations until stable: the thin-region residues are short, so a few rounds of
+    ~20 µs replace a labelling of the whole image (~0.4 ms per 256² tile); after ``max_rounds``
+    it labels the mask instead.
+    """
+    grown, count = seed & mask, -1
+    for _ in range(max_rounds):
+        new_count = int(np.count_nonzero(grown))
+        if new_count == count:
+            return grown
+        count = new_count
+        grown = _dilate_square3(grown)
+        grown &= mask
+    components, total = ndi.label(mask, structure=np.ones((3, 3), dtype=bool))
+    survives = np.zeros(total + 1, dtype=bool)
+    survives[components[seed & mask]] = True
+    survives[0] = False
+    return survives[components]
+
+
+def _near(mask: np.ndarray, pixels: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """For each flat pixel index, whether ``mask`` holds inside its ``footprint`` neighbourhood:
+    ``_dilate(mask, footprint)`` read at a few pixels without filtering the whole image."""
+    height, width = mask.shape
+    center_row, center_col = footprint.shape[0] // 2, footprint.shape[1] // 2
+    offset_rows, offset_cols = np.nonzero(footprint)
+    rows, cols = np.divmod(pixels, width)
+    r = rows[:, None] + (offset_rows - center_row)[None, :]
+    c = cols[:, None] + (offset_cols - center_col)[None, :]
+    inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+    return (inside & mask[np.clip(r, 0, height - 1), np.clip(c, 0, width - 1)]).any(axis=1)
+
+
 def _fill_holes(mask: np.ndarray, max_area: int) -> np.ndarray:
     """Fill 4-connected holes of area < ``max_area`` (skimage ``remove_small_holes`` semantics:
     any small component of the complement counts, also one that touches the image border)."""
@@ -379,19 +428,13 @@ def contour_levels(label: np.ndarray, profile: MagnificationProfile) -> np.ndarr
     # Step 7: near-contact regions so thin that they vanish under erosion (reconstruction by
     # dilation with skimage's default 8-connectivity keeps every component that keeps a pixel).
     if boundary_large.any():
-        eroded = _erode(boundary_large, profile.se_thin)
-        components, count = ndi.label(boundary_large, structure=np.ones((3, 3), dtype=bool))
-        survives = np.zeros(count + 1, dtype=bool)
-        survives[components[eroded]] = True
-        levels[boundary_large & ~survives[components]] = BOUNDARY
+        levels[boundary_large & ~_reconstruct(_erode(boundary_large, profile.se_thin), boundary_large)] = BOUNDARY
 
     # Step 8: clean-up, in order; "near" is recomputed after each change of the boundary.
-    small_gap = _components_below(levels == GAP, MIN_GAP_COMPONENT, FOUR_CONNECTED)
-    if small_gap.any():
-        levels[small_gap & _dilate(levels == BOUNDARY, profile.se_boundary)] = BOUNDARY
-    small_body = _components_below(levels == BODY, MIN_BODY_COMPONENT, FOUR_CONNECTED)
-    if small_body.any():
-        levels[small_body & _dilate(levels == BOUNDARY, profile.se_boundary)] = BOUNDARY
+    for value, min_size in ((GAP, MIN_GAP_COMPONENT), (BODY, MIN_BODY_COMPONENT)):
+        small = np.flatnonzero(_components_below(levels == value, min_size, FOUR_CONNECTED))
+        if small.size:
+            levels.ravel()[small[_near(levels == BOUNDARY, small, profile.se_boundary)]] = BOUNDARY
     levels[_components_below(levels == BOUNDARY, MIN_BOUNDARY_COMPONENT, EIGHT_CONNECTED)] = BODY
     return levels
 

@@ -474,3 +474,22 @@ def test_transform_rejects_bad_classes_and_settings():
     ]:
         with pytest.raises(ValueError, match=match):
             CISCATargetsd(**kwargs)
+
+
+@pytest.mark.parametrize("max_rounds", [0, 2, 24])
+def test_reconstruction_keeps_the_components_holding_a_seed(max_rounds):
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        mask = rng.random(tuple(rng.integers(1, 40, 2))) > rng.uniform(0.2, 0.7)
+        seed = rng.random(mask.shape) > 0.97
+        components, _ = ndi.label(mask, np.ones((3, 3), dtype=bool))
+        kept = np.isin(components, components[seed & mask]) & mask
+        np.testing.assert_array_equal(targets._reconstruct(seed, mask, max_rounds), kept)
+
+
+def test_near_reads_the_dilation_at_given_pixels():
+    rng = np.random.default_rng(6)
+    for footprint in (PROFILE_20X.se_boundary, PROFILE_40X.se_boundary, disk(3)):
+        mask = rng.random((23, 31)) > 0.93
+        pixels = rng.choice(mask.size, 50, replace=False)
+        np.testing.assert_array_equal(targets._near(mask, pixels, footprint), targets._dilate(mask, footprint).ravel()[pixels])
