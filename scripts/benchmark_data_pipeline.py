@@ -6,10 +6,11 @@ Writes a prepared dataset of synthetic tiles (``cellgap.data.synthetic``) to a t
 ``PreparedWriter`` (256² tiles, and 1024² tiles read with a random 256² crop as for CytoDArk0), then
 times, per tile, on one thread and without workers:
 
-* load — ``cellgap.data.loading.LoadTiled`` (PNG + two TIFFs);
+* load — ``cellgap.data.loading.LoadTiled`` from the prepared files (PNG + two zlib TIFFs), and from
+  the dataset's packed copy (``cellgap.data.packed``: uncompressed, memory-mapped);
 * augment — ``cisca_augmentations`` on tiles already in memory, with a per-step profile;
 * targets — ``cellgap.targets.CISCATargetsd`` on augmented tiles;
-* full — load + augment + targets + scaling to 0..1, as a training data loader runs it;
+* full — load + augment + targets + scaling to 0..1, as a training data loader runs it (files, packed);
 * cached tiles — the same without loading, as with a CacheDataset that keeps the loaded tiles.
 
 CPU time of this process is the figure that survives other jobs on the machine; wall time is what a
@@ -36,16 +37,19 @@ from monai.transforms import Compose, OneOf, ScaleIntensityRanged  # noqa: E402
 
 from cellgap.data.augmentation import cisca_augmentations  # noqa: E402
 from cellgap.data.loading import LoadTiled  # noqa: E402
+from cellgap.data.packed import pack_dataset  # noqa: E402
 from cellgap.data.prepared import PreparedWriter, datalist  # noqa: E402
 from cellgap.data.synthetic import generate_tile, synthetic_info  # noqa: E402
 from cellgap.targets import CISCATargetsd  # noqa: E402
 
 
-def write_dataset(root: Path, tiles: int, size: int, magnification: int, seed: int) -> list[dict]:
+def write_dataset(root: Path, tiles: int, size: int, magnification: int, seed: int, pack: bool = False) -> list[dict]:
     with PreparedWriter(root, synthetic_info(magnification)) as writer:
         for index in range(tiles):
             tile = generate_tile(seed + index, size=size, magnification=magnification)
             writer.add(f"tile{index:04d}", tile.image, tile.label, tile.classes, tissue=tile.tissue, split="train")
+    if pack:
+        pack_dataset(root)
     return datalist(root, "train")
 
 
@@ -97,11 +101,13 @@ def main() -> None:
           f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as folder:
         sets = {
-            "256² tiles": write_dataset(Path(folder) / "tiles256", args.tiles, 256, args.magnification, args.seed),
+            "256² tiles": write_dataset(Path(folder) / "tiles256", args.tiles, 256, args.magnification, args.seed, pack=True),
             "1024² tiles → 256² crop": write_dataset(Path(folder) / "tiles1024", max(1, args.tiles // 4), 1024,
-                                                     args.magnification, args.seed + 10**6),
+                                                     args.magnification, args.seed + 10**6, pack=True),
         }
-        load = LoadTiled(num_classes=len(synthetic_info(args.magnification).class_names))
+        num_classes = len(synthetic_info(args.magnification).class_names)
+        load = LoadTiled(num_classes=num_classes, packed=False)
+        load_packed = LoadTiled(num_classes=num_classes)
         targets = CISCATargetsd(magnification=args.magnification)
         scale = ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)
         rows = ["| stage | wall ms/tile | CPU ms/tile | tiles/s per core (CPU) |", "|---|---|---|---|"]
@@ -113,14 +119,20 @@ def main() -> None:
                 steps = cisca_augmentations(stain_stats=args.stain, crop_size=256)
                 augment = Compose(steps).set_random_state(args.seed)
                 full = Compose([load, *steps, targets, scale]).set_random_state(args.seed)
+                full_packed = Compose([load_packed, *steps, targets, scale]).set_random_state(args.seed)
+                load_augment = Compose([load_packed, *steps]).set_random_state(args.seed)
                 cached = Compose([*steps, targets, scale]).set_random_state(args.seed)
                 loaded = [load(item) for item in items]
                 augmented = [augment(sample) for sample in loaded]
-                rows.append(report(f"{name}, {meta}: load", *timed(load, items, args.repeats)))
+                rows.append(report(f"{name}, {meta}: load (files)", *timed(load, items, args.repeats)))
+                rows.append(report(f"{name}, {meta}: load (packed)", *timed(load_packed, items, args.repeats)))
                 rows.append(report(f"{name}, {meta}: augment (in memory)", *timed(augment, loaded, args.repeats)))
+                rows.append(report(f"{name}, {meta}: load (packed) + augment", *timed(load_augment, items, args.repeats)))
                 rows.append(report(f"{name}, {meta}: targets", *timed(targets, augmented, args.repeats)))
-                rows.append(report(f"{name}, {meta}: **full** (load+augment+targets+scale)",
+                rows.append(report(f"{name}, {meta}: **full** (load files+augment+targets+scale)",
                                    *timed(full, items, args.repeats)))
+                rows.append(report(f"{name}, {meta}: **full** (load packed+augment+targets+scale)",
+                                   *timed(full_packed, items, args.repeats)))
                 rows.append(report(f"{name}, {meta}: cached tiles (augment+targets+scale)", *timed(cached, loaded, args.repeats)))
                 if not track_meta:
                     profiles[name] = step_profile(cisca_augmentations(stain_stats=args.stain, crop_size=256), loaded,
