@@ -97,7 +97,7 @@ class CISCALoss(nn.Module):
         mae = (weight * (pred - target).abs()).mean() / mean_w + self.far_penalty * ((1 - weight) * pred.abs()).mean()
         # MSGE along each map's own direction: tl/bl only with four maps (METHOD.md §10.5), h/v with two.
         channels = [2, 3] if pred.shape[1] == 4 else [0, 1]
-        k = self.kernels[channels].unsqueeze(1).to(pred.dtype)
+        k = self.kernels[channels].unsqueeze(1).to(pred.device, pred.dtype)
         grad_pred = F.conv2d(pred[:, channels], k, padding=2, groups=len(channels))
         grad_true = F.conv2d(target[:, channels], k, padding=2, groups=len(channels))
         msge = (weight * (grad_pred - grad_true) ** 2).mean() / mean_w
@@ -105,7 +105,7 @@ class CISCALoss(nn.Module):
 
     def type_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target[:, 0].long()
-        wcce = F.cross_entropy(logits, target, weight=self.class_weights.to(logits.dtype))
+        wcce = F.cross_entropy(logits, target, weight=self.class_weights.to(logits.device, logits.dtype))
         prob = logits.softmax(dim=1)
         onehot = F.one_hot(target, self.num_classes + 1).permute(0, 3, 1, 2).to(prob.dtype)
         if self.tversky == "pixel":

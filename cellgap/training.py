@@ -52,6 +52,10 @@ class GradientClipping:
             engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # MONAI's AMP trainer fires this event before scaler.step: clip the true gradients, not the scaled ones.
+            scaler.unscale_(engine.optimizer)
         if self.mode == "global":
             torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm)
         else:

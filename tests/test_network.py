@@ -156,3 +156,26 @@ def test_decoder_learns_a_few_tiles():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_loss_follows_the_predictions_device():
+    # Bundles build the loss on the CPU and never move it: its buffers must follow the network outputs
+    # (here the meta device stands in for CUDA, which CI lacks).
+    loss = CISCALoss(num_classes=3)
+    meta = {k: v.to("meta") for k, v in _targets().items()}
+    assert loss(_perfect(meta), meta).device.type == "meta"
+
+
+def test_gradient_clipping_unscales_amp_gradients_first():
+    from types import SimpleNamespace
+
+    from cellgap.training import GradientClipping
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale((weight * 10.0).sum()).backward()  # true gradient: 10 per element, norm 20
+    GradientClipping([weight], max_norm=1.0)(SimpleNamespace(scaler=scaler, optimizer=optimizer))
+    assert torch.linalg.vector_norm(weight.grad).item() == pytest.approx(1.0, rel=1e-5)
+    scaler.step(optimizer)  # knows the gradients are unscaled already: the step is the clipped one
+    assert weight.detach() == pytest.approx(torch.full((4,), 0.5), rel=1e-5)
