@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.data import MetaTensor, set_track_meta
+from monai.data import MetaTensor, get_track_meta, set_track_meta
 
 from cellgap.data.loading import LoadTiled
 from cellgap.data.packed import PACKED, pack_dataset
@@ -33,6 +33,15 @@ def assert_same(a: dict, b: dict) -> None:
     for key in ("image", "label", "classes"):
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+@pytest.fixture(autouse=True)
+def track_meta():
+    """MetaTensor tracking on during each test (other tests may leave it off), restored afterwards."""
+    previous = get_track_meta()
+    set_track_meta(True)
+    yield
+    set_track_meta(previous)
 
 
 @pytest.mark.parametrize("classes", [True, False])
@@ -58,13 +67,10 @@ def test_packed_tiles_equal_the_files(tmp_path, classes):
 def test_plain_tensors_without_meta_tracking(tmp_path):
     items = write(tmp_path / "d", n=1)
     pack_dataset(tmp_path / "d")
-    try:
-        set_track_meta(False)
-        for packed in (True, False):
-            out = LoadTiled(num_classes=3, packed=packed)(items[0])
-            assert all(type(out[k]) is torch.Tensor for k in ("image", "label", "classes"))
-    finally:
-        set_track_meta(True)
+    set_track_meta(False)
+    for packed in (True, False):
+        out = LoadTiled(num_classes=3, packed=packed)(items[0])
+        assert all(type(out[k]) is torch.Tensor for k in ("image", "label", "classes"))
 
 
 def test_changed_files_are_read_from_disk(tmp_path):
