@@ -358,7 +358,9 @@ def multi_gpu_config() -> dict:
             "$@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_STARTED, "
             "lambda engine: @train#sampler.set_epoch(engine.state.epoch))",
             "$@train#trainer.run()",
-            "$print('rank', torch.distributed.get_rank(), 'trained', @train#trainer.state.iteration, 'iterations', flush=True)",
+            # one string, one write: the ranks share stdout, and print's separate pieces interleave
+            "$print('rank %d trained %d iterations' % (torch.distributed.get_rank(), @train#trainer.state.iteration), "
+            "flush=True)",
         ],
         "finalize": ["$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
     }
