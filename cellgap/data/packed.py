@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .native import read_label_image, read_rgb
 from .prepared import INFO, read_dataset_info, read_manifest
@@ -64,7 +65,7 @@ def check_class_ids(classes: np.ndarray, path, num_classes: int | None) -> None:
                          f"(0 = background) for this dataset's {num_classes} classes")
 
 
-def pack_dataset(root: str | os.PathLike, overwrite: bool = False) -> Path:
+def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
     """Write ``<root>/packed`` for the prepared dataset at ``root`` (all tiles); returns its folder."""
     root = Path(root)
     info = read_dataset_info(root)
@@ -88,7 +89,7 @@ def pack_dataset(root: str | os.PathLike, overwrite: bool = False) -> Path:
         classes = np.lib.format.open_memmap(partial / "classes.npy", mode="w+", dtype=np.uint8,
                                             shape=(n, height, width)) if with_classes else None
         sources = []
-        for index, row in enumerate(rows):
+        for index, row in enumerate(tqdm(rows, desc=f"packing {root.name}", unit="tile", disable=not progress)):
             paths = [root / row["image"], root / row["label"], root / row["classes"] if with_classes else None]
             rgb, label, cls = read_tile_files(*paths, num_classes=info.num_classes)
             if rgb.shape[:2] != (height, width):
