@@ -95,11 +95,7 @@ def _compact_ids(label: np.ndarray) -> tuple[np.ndarray, int]:
     top = int(label.max()) if label.size else 0
     if top <= 4 * label.size + 16:
         return label, top
-    ids, inverse = np.unique(label, return_inverse=True)
-    if ids[0] != 0:
-        inverse = inverse + 1
-    inverse = inverse.reshape(label.shape)
-    return inverse, int(inverse.max())
+    return _dense_ids(label)
 
 
 # --------------------------------------------------------------------------------------------

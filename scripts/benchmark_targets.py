@@ -19,23 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cellgap.data.fixtures import overlapping_ellipses  # noqa: E402
 from cellgap.magnification import profile_for  # noqa: E402
 from cellgap.targets import CISCATargetsd, contour_levels, distance_maps, weight_mask  # noqa: E402
-
-
-def ellipse_tile(rng: np.random.Generator, size: int, num_cells: int, radius: tuple[float, float]) -> np.ndarray:
-    """Instance map of ``num_cells`` random ellipses (semi-axes in ``radius``), painted in order."""
-    label = np.zeros((size, size), dtype=np.int32)
-    rows, cols = np.ogrid[:size, :size]
-    for cell in range(1, num_cells + 1):
-        r0, c0 = rng.uniform(0, size, 2)
-        a, b = rng.uniform(*radius, 2)
-        angle = rng.uniform(0, np.pi)
-        dr, dc = rows - r0, cols - c0
-        u = (dr * np.cos(angle) + dc * np.sin(angle)) / a
-        v = (-dr * np.sin(angle) + dc * np.cos(angle)) / b
-        label[u**2 + v**2 <= 1] = cell
-    return label
 
 
 def time_per_tile(function, tiles, repeats: int) -> str:
@@ -73,7 +59,7 @@ def main() -> None:
     scale = profile.magnification / 40
     radius = (6 * scale, 12 * scale)
     labels = [
-        ellipse_tile(rng, args.size, int(rng.integers(args.min_cells, args.max_cells + 1)), radius) for _ in range(args.tiles)
+        overlapping_ellipses(rng, args.size, int(rng.integers(args.min_cells, args.max_cells + 1)), radius) for _ in range(args.tiles)
     ]
     cells = [len(np.unique(x)) - 1 for x in labels]
     samples = [{"label": torch.from_numpy(x[None].astype(np.float32))} for x in labels]

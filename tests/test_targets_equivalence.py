@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from cellgap.data.fixtures import overlapping_ellipses
 from cellgap.magnification import PROFILE_20X, PROFILE_40X
 from cellgap.targets import CISCATargetsd, contour_levels, distance_maps, weight_mask
 
@@ -22,19 +23,6 @@ GOLDEN = Path(__file__).parent / "data" / "targets_golden.npz"
 PROFILES = {20: PROFILE_20X, 40: PROFILE_40X}
 
 
-def _ellipses(rng: np.random.Generator, size: int, num_cells: int, radius: tuple[float, float]) -> np.ndarray:
-    """Random ellipses painted over each other (most cells touch), as scripts/benchmark_targets.py."""
-    label = np.zeros((size, size), dtype=np.int32)
-    rows, cols = np.ogrid[:size, :size]
-    for cell in range(1, num_cells + 1):
-        r0, c0 = rng.uniform(0, size, 2)
-        a, b = rng.uniform(*radius, 2)
-        angle = rng.uniform(0, np.pi)
-        dr, dc = rows - r0, cols - c0
-        u = (dr * np.cos(angle) + dc * np.sin(angle)) / a
-        v = (-dr * np.sin(angle) + dc * np.cos(angle)) / b
-        label[u**2 + v**2 <= 1] = cell
-    return label
 
 
 def golden_tiles() -> dict[str, tuple[np.ndarray, np.ndarray | None, int]]:
@@ -46,9 +34,9 @@ def golden_tiles() -> dict[str, tuple[np.ndarray, np.ndarray | None, int]]:
         tile = generate_tile(seed, 256 if magnification == 40 else 160, magnification)
         tiles[f"synthetic{magnification}"] = (tile.label.astype(np.int32), tile.classes.astype(np.int32), magnification)
     rng = np.random.default_rng(0)
-    crowded = _ellipses(rng, 192, 65, (6.0, 12.0))
+    crowded = overlapping_ellipses(rng, 192, 65, (6.0, 12.0))
     tiles["ellipses40_nonsequential"] = (np.where(crowded > 0, crowded * 7 + 3, 0).astype(np.int32), None, 40)
-    tiles["ellipses20_huge_ids"] = (np.where((x := _ellipses(rng, 160, 60, (3.0, 6.0))) > 0, x * 100003 + 5, 0), None, 20)
+    tiles["ellipses20_huge_ids"] = (np.where((x := overlapping_ellipses(rng, 160, 60, (3.0, 6.0))) > 0, x * 100003 + 5, 0), None, 20)
     edge = np.zeros((64, 80), dtype=np.int32)  # cells cut by the border, touching pairs, single pixels
     edge[:10, :10], edge[:10, 10:30], edge[54:, 70:], edge[30:40, :5], edge[30:40, 5:9] = 1, 2, 3, 4, 5
     for i, (r, c) in enumerate([(20, 20), (21, 22), (20, 23), (50, 50), (0, 60), (63, 79), (45, 45), (45, 46)]):
