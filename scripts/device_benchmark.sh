@@ -6,13 +6,13 @@
 #
 #        bash scripts/fetch_device_wheels.sh
 #
-#    which runs (versions from requirements.txt; all three are pure-Python wheels, about 5.2 MiB together;
+#    which runs (versions from requirements.txt; all four are pure-Python wheels, about 7.8 MiB together;
 #    their own requirements, numpy, torch and packaging, are already in the GPU image):
 #
 #        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
-#            -d .whl monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2
+#            -d .whl monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 timm==1.0.31
 #
 # 2. The call, with the device tool:
 #
