@@ -124,3 +124,16 @@ def test_loader_pickles_without_its_memory_maps(tmp_path):
     with pytest.raises(FileExistsError):
         pack_dataset(tmp_path / "d")
     pack_dataset(tmp_path / "d", overwrite=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "index"])
+def test_damaged_pack_names_the_file_and_the_fix(tmp_path, damage):
+    items = write(tmp_path / "d")
+    folder = pack_dataset(tmp_path / "d")
+    target = folder / ("index.json" if damage == "index" else "images.npy")
+    if damage == "delete":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{target.name}.*pack the dataset again"):
+        LoadTiled(num_classes=3)(items[0])

@@ -139,14 +139,28 @@ class PackedTiles:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         folder = self.root / PACKED
-        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+        repack = f"delete {folder} or pack the dataset again (cellgap.data.packed.pack_dataset(root, overwrite=True))"
+        try:
+            index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{folder / INDEX}: unreadable packed index ({error}); {repack}") from error
         if index.get("format") != FORMAT:
-            raise ValueError(f"{folder}: packed format {index.get('format')!r}; expected {FORMAT} (pack the dataset again)")
+            raise ValueError(f"{folder}: packed format {index.get('format')!r}; expected {FORMAT}; {repack}")
         self.sources = index["sources"]
         self.rows = {str(self.root / source["image"][0]): row for row, source in enumerate(self.sources)}
-        self.images = np.load(folder / "images.npy", mmap_mode="r")
-        self.labels = np.load(folder / "labels.npy", mmap_mode="r")
-        self.classes = np.load(folder / "classes.npy", mmap_mode="r") if index["classes"] else None
+        self.images = self._array(folder / "images.npy", (len(self.sources), 3, *index["shape"]), repack)
+        self.labels = self._array(folder / "labels.npy", (len(self.sources), *index["shape"]), repack)
+        self.classes = self._array(folder / "classes.npy", self.labels.shape, repack) if index["classes"] else None
+
+    @staticmethod
+    def _array(path: Path, shape: tuple, repack: str) -> np.ndarray:
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:  # missing or truncated: numpy's message names no file
+            raise ValueError(f"{path}: unreadable packed array ({error}); {repack}") from error
+        if array.shape != tuple(shape):
+            raise ValueError(f"{path}: packed array of shape {array.shape}, the index says {tuple(shape)}; {repack}")
+        return array
 
     def row(self, **paths) -> int | None:
         """The packed row of the tile whose source files are ``paths`` (``image=…``, optionally ``label=…``,
