@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 from monai.transforms import MapTransform
 from skimage.measure import find_contours
 
@@ -24,6 +25,13 @@ from .data.loading import tile_id
 from .visualization import CLASS_COLOURS, overlay, save_png
 
 CELL_COLUMNS = ("id", "centroid_row", "centroid_col", "area_px", "area_um2", "class_id", "class_name", "class_prob")
+
+
+def _host_array(value) -> np.ndarray:
+    """A numpy array of ``value``; tensors are copied to the host first (numpy cannot read CUDA memory)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
 
 
 def write_tiff(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -128,8 +136,9 @@ class SaveCellOutputsd(MapTransform):
             if key not in d:
                 raise KeyError(f"SaveCellOutputsd: missing {key!r}; run CISCAPostProcessingd first")
         name = self._name(d)
-        instances = np.asarray(d["pred_instances"]).squeeze(0).astype(np.int32)
-        types = np.asarray(d["pred_types"]).squeeze(0).astype(np.uint8)
+        # CISCAPostProcessingd puts the maps on the network output's device: CUDA in a GPU evaluator.
+        instances = _host_array(d["pred_instances"]).squeeze(0).astype(np.int32)
+        types = _host_array(d["pred_types"]).squeeze(0).astype(np.uint8)
         rows = cell_rows(d["pred_cells"], self.class_names, self.mpp)
         written = {"instances": write_tiff(self.output_dir / f"{name}_instances.tif", instances),
                    "classes": write_tiff(self.output_dir / f"{name}_classes.tif", types),
