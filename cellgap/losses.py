@@ -121,6 +121,21 @@ class CISCALoss(nn.Module):
 
     # -- total -----------------------------------------------------------------------------------
     def components(self, pred: dict, target: dict) -> dict[str, torch.Tensor]:
+        """The weighted head losses, computed in float32 with autocast off.
+
+        Under the bundles' bf16 autocast the network's outputs are bf16: the Dice/Tversky sums and the
+        derivative convolutions (of the float32 targets too) would run in bf16, and bf16 outputs met the
+        float32 targets in a convolution outside autocast (a dtype error).
+        """
+        if isinstance(pred, dict):
+            pred = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in pred.items()}
+            device_type = next((v.device.type for v in pred.values() if isinstance(v, torch.Tensor)), "cpu")
+            if torch.amp.is_autocast_available(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    return self._components(pred, target)
+        return self._components(pred, target)
+
+    def _components(self, pred: dict, target: dict) -> dict[str, torch.Tensor]:
         for key in ("contour", "distance"):
             if key not in pred:
                 raise KeyError(f"loss: network output has no {key!r} map; got keys {sorted(pred)}")

@@ -179,3 +179,22 @@ def test_gradient_clipping_unscales_amp_gradients_first():
     assert torch.linalg.vector_norm(weight.grad).item() == pytest.approx(1.0, rel=1e-5)
     scaler.step(optimizer)  # knows the gradients are unscaled already: the step is the clipped one
     assert weight.detach() == pytest.approx(torch.full((4,), 0.5), rel=1e-5)
+
+
+def test_loss_of_bf16_outputs_is_the_float32_loss_with_or_without_autocast():
+    # Under the bundles' bf16 autocast the network's outputs are bf16.  Outside autocast they met the
+    # float32 targets in the MSGE convolution (a dtype error); inside it the Dice/Tversky sums and the
+    # targets' derivatives ran in bf16 (CPU autocast stands in for CUDA's here).
+    loss = CISCALoss(num_classes=3)
+    t = _targets()
+    pred = _perfect(t, scale=2.0)
+    pred["distance"] = pred["distance"] + 0.1 * torch.randn(pred["distance"].shape, generator=torch.Generator().manual_seed(1))
+    bf16 = {k: v.to(torch.bfloat16).requires_grad_() for k, v in pred.items()}
+    expected = loss.components({k: v.detach().float() for k, v in bf16.items()}, t)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            parts = loss.components(bf16, t)
+        for key, value in parts.items():
+            assert value.dtype == torch.float32 and value.item() == pytest.approx(expected[key].item(), rel=1e-6), (autocast, key)
+    sum(parts.values()).backward()
+    assert all(v.grad is not None and v.grad.dtype == torch.bfloat16 for v in bf16.values())
