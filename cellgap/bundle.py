@@ -335,7 +335,7 @@ def multi_gpu_config() -> dict:
                   "\"['configs/train.json','configs/multi_gpu_train.json']\"; NCCL on GPUs, gloo on CPU",
         "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
         "device": "$torch.device(f\"cuda:{os.environ['LOCAL_RANK']}\") if torch.cuda.is_available() else torch.device('cpu')",
-        "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)",
+        "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device).prepare_layout(@device)",
                     "device_ids": "$[@device] if torch.cuda.is_available() else None"},
         "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
                           "shuffle": True},

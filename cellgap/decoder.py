@@ -141,11 +141,18 @@ class CISCADecoder(nn.Module):
         self.channels_last = channels_last
         self._weights_channels_last = False
 
-    def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.channels_last if self.channels_last is not None else image.is_cuda:
+    def prepare_layout(self, device: torch.device | str) -> CISCADecoder:
+        """Switch the weights to channels-last now if the forward pass on ``device`` will use it; returns
+        self. Call it before wrapping in DDP, whose gradient buckets keep the layout they were built with."""
+        if self.channels_last if self.channels_last is not None else torch.device(device).type == "cuda":
             if not self._weights_channels_last:  # in place: optimizer references stay valid
                 self.to(memory_format=torch.channels_last)
                 self._weights_channels_last = True
+        return self
+
+    def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.channels_last if self.channels_last is not None else image.is_cuda:
+            self.prepare_layout(image.device)
             image = image.contiguous(memory_format=torch.channels_last)
             features = [f.contiguous(memory_format=torch.channels_last) for f in features]
         skips = [self.stem[0](image)]

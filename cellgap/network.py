@@ -46,6 +46,11 @@ class CellGapNet(nn.Module):
             raise ValueError(f"network input: height and width must be multiples of {INPUT_MULTIPLE}, got {h}×{w}; "
                              f"pad the image or use a sliding-window inferer with a 256×256 window")
 
+    def prepare_layout(self, device: torch.device | str) -> CellGapNet:
+        """The decoder's memory layout for ``device`` set now (see :meth:`CISCADecoder.prepare_layout`); returns self."""
+        self.decoder.prepare_layout(device)
+        return self
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The frozen encoder's four maps (what the embedding cache stores)."""
         self.check_input(x)

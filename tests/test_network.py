@@ -198,3 +198,20 @@ def test_loss_of_bf16_outputs_is_the_float32_loss_with_or_without_autocast():
             assert value.dtype == torch.float32 and value.item() == pytest.approx(expected[key].item(), rel=1e-6), (autocast, key)
     sum(parts.values()).backward()
     assert all(v.grad is not None and v.grad.dtype == torch.bfloat16 for v in bf16.values())
+
+
+@pytest.mark.parametrize("channels_last", [None, True])
+def test_prepare_layout_sets_the_weight_layout_before_the_first_forward(channels_last):
+    # DDP builds its gradient buckets from the weights' layout when it wraps the model: the layout must
+    # not change afterwards, in the first forward (multi_gpu_train.json calls prepare_layout first).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = CellGapNet("convnext_atto", num_classes=3, encoder_weights=None, allow_random_encoder=True,
+                         decoder={**SMALL, "channels_last": channels_last})
+    assert net.prepare_layout("cpu") is net
+    strides = {name: p.stride() for name, p in net.decoder.named_parameters()}
+    with torch.no_grad():
+        net(torch.rand(1, 3, 64, 64))
+    assert {name: p.stride() for name, p in net.decoder.named_parameters()} == strides
+    four_d = [p for p in net.decoder.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d) == bool(channels_last)
