@@ -13,8 +13,8 @@ import torch
 from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform
 
-from .native import read_label_image, read_rgb
-from .packed import check_class_ids, packed_tiles_for
+from .native import check_class_ids, read_class_map, read_instance_map, read_rgb
+from .packed import packed_tiles_for
 
 
 def tile_id(path: str) -> str:
@@ -82,12 +82,7 @@ class LoadTiled(MapTransform):
             d.setdefault("id", tile_id(image_path))  # names the outputs even when MetaTensor tracking is off
         if "label" in self.keys and d.get("label"):
             label_path = d["label"]
-            label = read_label_image(label_path)
-            if label.min() < 0:
-                raise ValueError(f"{label_path}: negative instance ids; expected 0 = background, 1..N = cells")
-            if "image" in self.keys and label.shape != tuple(d["image"].shape[1:]):
-                raise ValueError(f"{label_path}: label map is {label.shape}, but its image {image_path} is "
-                                 f"{tuple(d['image'].shape[1:])}; expected the same height and width")
+            label = read_instance_map(label_path, tuple(d["image"].shape[1:]) if "image" in self.keys else None, image_path)
             d["label"] = _tensor(label.astype(np.int32)[None], label_path, label.shape)
             if "classes" in self.keys:
                 d["classes"] = self._classes(d, label, label_path)
@@ -128,8 +123,5 @@ class LoadTiled(MapTransform):
         path = d.get("classes")
         if not path:
             return _tensor((label > 0).astype(np.int32)[None], label_path, label.shape)
-        classes = read_label_image(path)
-        if classes.shape != label.shape:
-            raise ValueError(f"{path}: class map is {classes.shape}, but the instance map is {label.shape}")
-        check_class_ids(classes, path, self.num_classes)
+        classes = read_class_map(path, label.shape, self.num_classes)
         return _tensor(classes.astype(np.int32)[None], path, classes.shape)

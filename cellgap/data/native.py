@@ -190,6 +190,33 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
     return as_integer_labels(arr, str(path))
 
 
+
+def read_instance_map(path: str | os.PathLike, image_shape: tuple[int, ...] | None = None, image_path=None) -> np.ndarray:
+    """A prepared tile's instance map: non-negative ids, and the image's height and width when given."""
+    label = read_label_image(path)
+    if label.min() < 0:
+        raise ValueError(f"{path}: negative instance ids; expected 0 = background, 1..N = cells")
+    if image_shape is not None and label.shape != tuple(image_shape):
+        raise ValueError(f"{path}: label map is {label.shape}, but its image {image_path} is "
+                         f"{tuple(image_shape)}; expected the same height and width")
+    return label
+
+
+def read_class_map(path: str | os.PathLike, label_shape: tuple[int, ...], num_classes: int | None) -> np.ndarray:
+    """A prepared tile's class map: the instance map's shape, ids 0..num_classes."""
+    classes = read_label_image(path)
+    if classes.shape != tuple(label_shape):
+        raise ValueError(f"{path}: class map is {classes.shape}, but the instance map is {tuple(label_shape)}")
+    check_class_ids(classes, path, num_classes)
+    return classes
+
+
+def check_class_ids(classes: np.ndarray, path, num_classes: int | None) -> None:
+    low, high = int(classes.min()), int(classes.max())
+    if low < 0 or (num_classes is not None and high > num_classes):
+        raise ValueError(f"{path}: class ids {low}..{high}; expected 0..{num_classes} "
+                         f"(0 = background) for this dataset's {num_classes} classes")
+
 def check_instance_map(label: np.ndarray, where: str) -> None:
     """Raise ValueError if ``label`` looks like a binary/semantic mask rather than an instance map.
 

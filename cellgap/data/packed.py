@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .native import read_label_image, read_rgb
+from .native import read_class_map, read_instance_map, read_rgb
 from .prepared import INFO, read_dataset_info, read_manifest
 
 PACKED = "packed"
@@ -43,26 +43,9 @@ def _stamp(path: Path) -> list:
 def read_tile_files(image_path, label_path, classes_path, num_classes: int | None) -> tuple:
     """(image (H,W,3) uint8, label (H,W) integer, classes (H,W) integer or None) with LoadTiled's checks."""
     rgb = read_rgb(image_path)
-    label = read_label_image(label_path)
-    if label.min() < 0:
-        raise ValueError(f"{label_path}: negative instance ids; expected 0 = background, 1..N = cells")
-    if label.shape != rgb.shape[:2]:
-        raise ValueError(f"{label_path}: label map is {label.shape}, but its image {image_path} is "
-                         f"{rgb.shape[:2]}; expected the same height and width")
-    classes = None
-    if classes_path:
-        classes = read_label_image(classes_path)
-        if classes.shape != label.shape:
-            raise ValueError(f"{classes_path}: class map is {classes.shape}, but the instance map is {label.shape}")
-        check_class_ids(classes, classes_path, num_classes)
+    label = read_instance_map(label_path, rgb.shape[:2], image_path)
+    classes = read_class_map(classes_path, label.shape, num_classes) if classes_path else None
     return rgb, label, classes
-
-
-def check_class_ids(classes: np.ndarray, path, num_classes: int | None) -> None:
-    low, high = int(classes.min()), int(classes.max())
-    if low < 0 or (num_classes is not None and high > num_classes):
-        raise ValueError(f"{path}: class ids {low}..{high}; expected 0..{num_classes} "
-                         f"(0 = background) for this dataset's {num_classes} classes")
 
 
 def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
@@ -195,4 +178,4 @@ def packed_tiles_for(image_path, cache: dict) -> PackedTiles | None:
     return None if found is _NOT_PACKED else found
 
 
-__all__ = ["PACKED", "PackedTiles", "check_class_ids", "pack_dataset", "packed_tiles_for", "read_tile_files"]
+__all__ = ["PACKED", "PackedTiles", "pack_dataset", "packed_tiles_for", "read_tile_files"]
