@@ -36,8 +36,9 @@ Per encoder:
 
 Also recorded per encoder: whether the bundle's loss, built on the CPU as the config builds it, runs on the
 device's outputs (``bundle_loss_on_device``; the benchmark then moves it to the device); that the step changed
-the decoder and left the encoder alone, and the RMS size of the decoder's update per step (with AMP the
-trainer's GradScaler scales the gradients before the bundle's clipping handler sees them); peak GPU memory.
+the decoder and left the encoder alone, and the RMS size of the decoder's update per step (with AMP, a check
+that the bundle's clipping handler sees unscaled gradients: scaled ones give updates ~1e-8 of normal); peak
+GPU memory.
 
 A Markdown table is printed last; the full record goes to ``--out`` (JSON, written atomically after every
 encoder, so a run stopped by ``--time-budget`` or killed keeps what it measured).
