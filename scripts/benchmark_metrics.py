@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from benchmarks_doc import write_section
 
 from cellgap.metrics import Protocol, instance, score_image
 from cellgap.metrics.matching import instance_overlaps
@@ -33,7 +32,6 @@ from cellgap.metrics.synthetic_pairs import perturb, perturb_classes, random_cla
 
 NUM_CLASSES = 5
 PROTOCOL = Protocol.pannuke()
-BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def make_tile(side: int, n_cells: int, seed: int, radius=(4.0, 10.0)):
@@ -165,16 +163,6 @@ def run(args) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace the body of the "## Metrics" section, re-reading the file just before writing."""
-    doc = path.read_text(encoding="utf-8")
-    pattern = re.compile(r"(^## Metrics\n)(.*?)(?=^## |\Z)", re.S | re.M)
-    if not pattern.search(doc):
-        doc = doc.rstrip("\n") + "\n\n## Metrics\n"
-    doc = pattern.sub(lambda m: m.group(1) + "\n" + text + "\n\n", doc, count=1)
-    path.write_text(doc, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, default=20)
@@ -186,7 +174,7 @@ def main() -> None:
     text = run(args)
     print(text)
     if args.write:
-        write_section(text)
+        write_section("Metrics", text)
 
 
 if __name__ == "__main__":

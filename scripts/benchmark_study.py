@@ -4,7 +4,7 @@ parameters and GFLOPs of every encoder, and (``--grid``) the CI grid stage by st
 * Gap statistics: per-image score tables of PanNuke's size (3 official splits, 2,722 + 2,722 + 2,656 test
   images, 5 classes, 19 tissues; random but valid scores: the cost does not depend on the values); per
   split a paired bootstrap and a paired permutation test, then the split-stratified pooled statistics.
-* Cost: ``cellgap.study.network_cost`` of every registry encoder with the bundles' full decoder on the
+* Cost: ``cellgap.network.network_cost`` of every registry encoder with the bundles' full decoder on the
   meta device (parameters as run, GFLOPs per 256² tile); the table is also a result in itself.
 * ``--grid``: the 2 encoders × 2 splits synthetic grid of tests/test_study.py, wall time per stage.
 
@@ -16,21 +16,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks_doc import write_section
 
 from cellgap.encoders import ENCODERS
 from cellgap.metrics import Protocol, ScoreTable
 from cellgap.metrics.scoring import COUNTS, SCALARS
 from cellgap.metrics.statistics import paired_bootstrap, paired_permutation_test
-from cellgap.study import network_cost, pooled_paired_statistics
+from cellgap.network import network_cost
+from cellgap.study import pooled_paired_statistics
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "Study runner"
 PANNUKE_TEST = (2722, 2722, 2656)  # test images of official splits 1, 2, 3
 CLASSES = ("neoplastic", "inflammatory", "connective", "dead", "epithelial")
@@ -130,16 +130,6 @@ def grid_benchmark() -> list[str]:
             "| cell | train | select (val, 7 candidates) | evaluate (test) | total |", "|---|---|---|---|---|", *rows]
 
 
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace the body of the study runner's section, re-reading the file just before writing."""
-    doc = path.read_text(encoding="utf-8")
-    pattern = re.compile(rf"(^## {SECTION}\n)(.*?)(?=^## |\Z)", re.S | re.M)
-    if not pattern.search(doc):
-        doc = doc.rstrip("\n") + f"\n\n## {SECTION}\n"
-    doc = pattern.sub(lambda m: m.group(1) + "\n" + text + "\n\n", doc, count=1)
-    path.write_text(doc.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bootstrap", type=int, default=2000)
@@ -157,7 +147,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Modules: ``plan`` (the grid), ``cells`` (a cell on disk), ``bundles`` (running a
 ``tables``, ``gap``, ``cost``, ``figures`` (its parts), ``provenance`` (versions, timestamps), ``cli``.
 """
 
-from ..network import network_cost  # scripts/benchmark_study.py counts costs the way the results do
 from .cli import add_study_arguments, run_study_from_args
 from .gap import pooled_paired_statistics
 from .plan import SplitSpec, StudyPlan, resolve_splits
@@ -28,5 +27,5 @@ from .results import write_results
 from .runner import StudyReport, run_study
 from .selection import CandidateOutput
 
-__all__ = ["CandidateOutput", "SplitSpec", "StudyPlan", "StudyReport", "add_study_arguments", "network_cost",
+__all__ = ["CandidateOutput", "SplitSpec", "StudyPlan", "StudyReport", "add_study_arguments",
            "pooled_paired_statistics", "resolve_splits", "run_study", "run_study_from_args", "write_results"]
