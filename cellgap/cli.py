@@ -49,10 +49,9 @@ def _encoder_weights() -> tuple[str | None, bool]:
 def _run_bundle(config_files: list[Path], **overrides) -> None:
     from monai.bundle import run
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*arbitrary code.*|.*any `\"_target_\"` value.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")
+    from .study.bundles import quiet_warnings
+
+    with quiet_warnings():
         run(config_file=[str(c) for c in config_files], **overrides)
 
 
