@@ -154,7 +154,9 @@ def train_config(spec: EncoderSpec) -> dict:
         "train": {
             "datalist": "$@data.datalist(@train_split)",
             "preprocessing": {"_target_": "Compose", "transforms": [
-                {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes"},
+                {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes",
+                 "keys": ["image", "label", "classes", "contour_levels"]},
+                {"_target_": "cellgap.targets.ContourLevelsd", "magnification": "@magnification"},
                 "$@view_spec.augmentation_transform()",
                 {"_target_": "cellgap.targets.CISCATargetsd", "magnification": "@magnification",
                  "num_contour_classes": "@num_contour_classes", "num_classes": "@num_classes"},

@@ -6,10 +6,11 @@ Writes a prepared dataset of synthetic tiles (``cellgap.data.synthetic``) to a t
 ``PreparedWriter`` (256² tiles, and 1024² tiles read with a random 256² crop as for CytoDArk0), then
 times, per tile, on one thread and without workers:
 
-* load — ``cellgap.data.loading.LoadTiled`` from the prepared files (PNG + two zlib TIFFs), and from
-  the dataset's packed copy (``cellgap.data.packed``: uncompressed, memory-mapped);
-* augment — ``cisca_augmentations`` on tiles already in memory, with a per-step profile;
-* targets — ``cellgap.targets.CISCATargetsd`` on augmented tiles;
+* load — ``cellgap.data.loading.LoadTiled`` + ``cellgap.targets.ContourLevelsd`` as in the bundles:
+  from the prepared files (PNG + two zlib TIFFs; the tile's contour levels computed), and from the
+  dataset's packed copy (``cellgap.data.packed``: uncompressed, memory-mapped, levels stored);
+* augment — ``cisca_augmentations`` on tiles already in memory (levels moved along), with a per-step profile;
+* targets — ``cellgap.targets.CISCATargetsd`` on augmented tiles, with the moved levels and recomputing them;
 * full — load + augment + targets + scaling to 0..1, as a training data loader runs it (files, packed);
 * cached tiles — the same without loading, as with a CacheDataset that keeps the loaded tiles.
 
@@ -40,7 +41,7 @@ from cellgap.data.loading import LoadTiled  # noqa: E402
 from cellgap.data.packed import pack_dataset  # noqa: E402
 from cellgap.data.prepared import PreparedWriter, datalist  # noqa: E402
 from cellgap.data.synthetic import generate_tile, synthetic_info  # noqa: E402
-from cellgap.targets import CISCATargetsd  # noqa: E402
+from cellgap.targets import CONTOUR_LEVELS_KEY, CISCATargetsd, ContourLevelsd  # noqa: E402
 
 
 def write_dataset(root: Path, tiles: int, size: int, magnification: int, seed: int, pack: bool = False) -> list[dict]:
@@ -106,8 +107,9 @@ def main() -> None:
                                                      args.magnification, args.seed + 10**6, pack=True),
         }
         num_classes = len(synthetic_info(args.magnification).class_names)
-        load = LoadTiled(num_classes=num_classes, packed=False)
-        load_packed = LoadTiled(num_classes=num_classes)
+        keys = ("image", "label", "classes", CONTOUR_LEVELS_KEY)  # as the bundles' train.json
+        load = Compose([LoadTiled(keys, num_classes=num_classes, packed=False), ContourLevelsd(magnification=args.magnification)])
+        load_packed = Compose([LoadTiled(keys, num_classes=num_classes), ContourLevelsd(magnification=args.magnification)])
         targets = CISCATargetsd(magnification=args.magnification)
         scale = ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)
         rows = ["| stage | wall ms/tile | CPU ms/tile | tiles/s per core (CPU) |", "|---|---|---|---|"]
@@ -124,11 +126,14 @@ def main() -> None:
                 cached = Compose([*steps, targets, scale]).set_random_state(args.seed)
                 loaded = [load(item) for item in items]
                 augmented = [augment(sample) for sample in loaded]
-                rows.append(report(f"{name}, {meta}: load (files)", *timed(load, items, args.repeats)))
-                rows.append(report(f"{name}, {meta}: load (packed)", *timed(load_packed, items, args.repeats)))
+                recompute = [{k: v for k, v in sample.items() if k != CONTOUR_LEVELS_KEY} for sample in augmented]
+                rows.append(report(f"{name}, {meta}: load (files) + contour levels computed", *timed(load, items, args.repeats)))
+                rows.append(report(f"{name}, {meta}: load (packed) + contour levels read", *timed(load_packed, items, args.repeats)))
                 rows.append(report(f"{name}, {meta}: augment (in memory)", *timed(augment, loaded, args.repeats)))
                 rows.append(report(f"{name}, {meta}: load (packed) + augment", *timed(load_augment, items, args.repeats)))
-                rows.append(report(f"{name}, {meta}: targets", *timed(targets, augmented, args.repeats)))
+                rows.append(report(f"{name}, {meta}: targets (moved contour levels)", *timed(targets, augmented, args.repeats)))
+                rows.append(report(f"{name}, {meta}: targets recomputing the contour levels",
+                                   *timed(targets, recompute, args.repeats)))
                 rows.append(report(f"{name}, {meta}: **full** (load files+augment+targets+scale)",
                                    *timed(full, items, args.repeats)))
                 rows.append(report(f"{name}, {meta}: **full** (load packed+augment+targets+scale)",

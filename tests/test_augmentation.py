@@ -408,6 +408,26 @@ def test_crops_from_a_large_tile_are_crop_sized_and_aligned():
         assert 0 <= rows.min() <= 768 and 0 <= cols.min() <= 768
 
 
+def test_stored_contour_levels_move_with_the_label_maps():
+    """A sample's contour_levels (ContourLevelsd) go through crop, turns, flips and the elastic warp
+    exactly as the instance map does; a sample without them is augmented as before."""
+    pipeline = Compose(cisca_augmentations(crop_size=48))
+    sample = {k: v for k, v in blob_sample(3, size=80, n_cells=30).items() if k != "cell_class"}
+    sample["contour_levels"] = (sample["label"] % 4).astype(np.uint8)  # any function of the instance id
+    moved_somewhere = 0
+    for seed in range(12):
+        pipeline.set_random_state(seed)
+        out = pipeline(dict(sample))
+        label, levels = as_numpy(out["label"]), as_numpy(out["contour_levels"])
+        assert levels.dtype == np.uint8 and levels.shape == (1, 48, 48)
+        np.testing.assert_array_equal(levels, label % 4)
+        pipeline.set_random_state(seed)
+        without = pipeline({k: v for k, v in sample.items() if k != "contour_levels"})
+        np.testing.assert_array_equal(as_numpy(without["label"]), label)
+        moved_somewhere += int(not np.array_equal(label, sample["label"][:, :48, :48]))
+    assert moved_somewhere >= 10
+
+
 def test_crop_offsets_cover_every_valid_position():
     crop = next(t for t in cisca_augmentations(crop_size=32) if isinstance(t, RandSpatialCropd))
     crop.set_random_state(1)
@@ -482,6 +502,7 @@ def test_bad_input_raises_a_value_error_naming_the_key():
         ({"classes": sample["classes"][0]}, r"classes: expected a \(1, H, W\) map"),
         ({"label": sample["label"] + 0.5}, "label: expected integer ids"),
         ({"label": -sample["label"]}, "label: expected non-negative ids"),
+        ({"contour_levels": sample["label"][:, :32]}, r"contour_levels: expected a \(1, H, W\) map matching image"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@ is ignored for changed files, checks every tile once at packing, and never trave
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -16,6 +17,8 @@ from cellgap.data.loading import LoadTiled
 from cellgap.data.packed import PACKED, pack_dataset
 from cellgap.data.prepared import DatasetInfo, PreparedWriter, datalist
 from cellgap.data.synthetic import generate_tile, synthetic_info
+from cellgap.magnification import PROFILE_20X
+from cellgap.targets import CONTOUR_LEVELS_KEY, CONTOUR_PROFILE_KEY, ContourLevelsd, contour_levels
 
 
 def write(root, n: int = 4, size: int = 48, classes: bool = True, sizes: list[int] | None = None) -> list[dict]:
@@ -137,3 +140,41 @@ def test_damaged_pack_names_the_file_and_the_fix(tmp_path, damage):
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{target.name}.*pack the dataset again"):
         LoadTiled(num_classes=3)(items[0])
+
+
+def test_pack_stores_each_tiles_contour_levels(tmp_path):
+    """The pack holds contour_levels of every whole tile for the dataset's profile; LoadTiled brings them
+    (with the profile's name) only when asked, and ContourLevelsd keeps them instead of recomputing."""
+    items = write(tmp_path / "d", n=3)
+    pack_dataset(tmp_path / "d")
+    profile = synthetic_info(40).profile
+    keys = ("image", "label", "classes", CONTOUR_LEVELS_KEY)
+    loader, levels_step = LoadTiled(keys=keys, num_classes=3), ContourLevelsd(magnification=40)
+    for item in items:
+        out = loader(item)
+        expected = contour_levels(np.asarray(out["label"][0]), profile)
+        assert out[CONTOUR_PROFILE_KEY] == profile.name
+        assert out[CONTOUR_LEVELS_KEY].dtype == torch.uint8
+        np.testing.assert_array_equal(np.asarray(out[CONTOUR_LEVELS_KEY][0]), expected)
+        kept = levels_step(out)
+        assert CONTOUR_PROFILE_KEY not in kept and kept[CONTOUR_LEVELS_KEY] is out[CONTOUR_LEVELS_KEY]
+    assert CONTOUR_LEVELS_KEY not in LoadTiled(num_classes=3)(items[0])  # not asked for
+    from_files = LoadTiled(keys=keys, num_classes=3, packed=False)(items[0])
+    assert CONTOUR_LEVELS_KEY not in from_files  # ContourLevelsd computes them
+    computed = levels_step(from_files)[CONTOUR_LEVELS_KEY]
+    np.testing.assert_array_equal(np.asarray(computed[0]), np.asarray(loader(items[0])[CONTOUR_LEVELS_KEY][0]))
+
+
+def test_levels_of_another_profile_or_an_older_pack_are_recomputed(tmp_path):
+    items = write(tmp_path / "d", n=1)
+    folder = pack_dataset(tmp_path / "d")
+    keys = ("image", "label", "classes", CONTOUR_LEVELS_KEY)
+    stored = LoadTiled(keys=keys)(items[0])
+    at_20x = ContourLevelsd(magnification=20)(stored)
+    label = np.asarray(stored["label"][0])
+    np.testing.assert_array_equal(np.asarray(at_20x[CONTOUR_LEVELS_KEY][0]), contour_levels(label, PROFILE_20X))
+    index = json.loads((folder / "index.json").read_text())
+    del index[CONTOUR_LEVELS_KEY]  # as written before the levels were stored
+    (folder / "index.json").write_text(json.dumps(index))
+    older = LoadTiled(keys=keys)(items[0])
+    assert CONTOUR_LEVELS_KEY not in older and torch.equal(older["label"], stored["label"])

@@ -14,8 +14,11 @@ from cellgap.targets import (
     BACKGROUND,
     BODY,
     BOUNDARY,
+    CONTOUR_LEVELS_KEY,
+    CONTOUR_PROFILE_KEY,
     GAP,
     CISCATargetsd,
+    ContourLevelsd,
     class_map_from_instances,
     contour_classes,
     contour_levels,
@@ -434,6 +437,46 @@ def test_transform_single_class_options_and_plain_arrays():
     # An empty class map also means single-class.
     out = transform({"label": label, "classes": torch.zeros(0)})
     np.testing.assert_array_equal(out["type_target"].numpy(), (label > 0).astype(np.int64))
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_contour_levels_turn_and_flip_with_the_label_map(profile):
+    """Moving a stored tile's levels with a quarter turn or flip (what the augmentation does since
+    ContourLevelsd) gives exactly the levels of the moved label map: the method is D4-symmetric."""
+    from cellgap.data.synthetic import generate_tile
+
+    for seed in range(2):
+        label = generate_tile(seed, size=96, magnification=40 if profile is PROFILE_40X else 20).label
+        levels = contour_levels(label, profile)
+        for turns in range(4):
+            for flip in (False, True):
+                moved_label, moved_levels = (np.ascontiguousarray(np.rot90(a[:, ::-1] if flip else a, turns)) for a in (label, levels))
+                np.testing.assert_array_equal(contour_levels(moved_label, profile), moved_levels)
+
+
+def test_targets_use_the_moved_contour_levels_when_present():
+    label = np.zeros((1, 24, 24), dtype=np.int32)
+    label[0, 3:10, 3:10] = 1
+    label[0, 3:10, 10:18] = 2
+    sample = ContourLevelsd(magnification=40)({"label": torch.from_numpy(label)})
+    levels = sample[CONTOUR_LEVELS_KEY]
+    assert levels.dtype == torch.uint8 and tuple(levels.shape) == (1, 24, 24)
+    np.testing.assert_array_equal(levels.numpy()[0], contour_levels(label[0], PROFILE_40X))
+    transform = CISCATargetsd(magnification=40)
+    np.testing.assert_array_equal(transform(sample)["contour_target"], transform({"label": label})["contour_target"])
+    # The stored map wins over the label map (the reference moves it instead of recomputing it) …
+    moved = dict(sample, **{CONTOUR_LEVELS_KEY: torch.full((1, 24, 24), GAP, dtype=torch.uint8)})
+    assert (transform(moved)["contour_target"] == 2).all()  # gap merges into background for K = 3
+    assert torch.equal(moved[CONTOUR_LEVELS_KEY], torch.full((1, 24, 24), GAP, dtype=torch.uint8))  # not modified
+    # … and a map stored for another profile is recomputed.
+    stale = {"label": torch.from_numpy(label), CONTOUR_LEVELS_KEY: moved[CONTOUR_LEVELS_KEY], CONTOUR_PROFILE_KEY: "20x"}
+    np.testing.assert_array_equal(ContourLevelsd(magnification=40)(stale)[CONTOUR_LEVELS_KEY], levels)
+    with pytest.raises(ValueError, match="contour_levels: expected the shape of label"):
+        transform({"label": label, CONTOUR_LEVELS_KEY: np.zeros((1, 24, 23), dtype=np.uint8)})
+    with pytest.raises(ValueError, match="contour_levels: expected contour levels 0..3, found 7"):
+        transform({"label": label, CONTOUR_LEVELS_KEY: np.full((1, 24, 24), 7, dtype=np.uint8)})
+    with pytest.raises(ValueError, match="magnification"):
+        ContourLevelsd()
 
 
 @pytest.mark.parametrize(

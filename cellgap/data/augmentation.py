@@ -63,6 +63,8 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 
+from ..targets import CONTOUR_LEVELS_KEY
+
 INTENSITY_MAX = 255.0  # images are augmented in 0..255 (docs/contracts.md)
 
 # --------------------------------------------------------------------------------------------
@@ -293,15 +295,16 @@ class CheckTiled(MapTransform):
     ``image_key``: (3, H, W) numeric RGB in 0..255 (a float image whose maximum is ≤ 1 looks already
     scaled and is refused: augment before scaling). ``label_keys``: (1, H, W) maps with the image's
     H and W holding non-negative integers (integer dtype, or float with integral values as
-    ``LoadImaged`` gives them).
+    ``LoadImaged`` gives them). ``optional_keys``: maps checked the same way when the sample has them.
     """
 
     backend = [TransformBackends.NUMPY, TransformBackends.TORCH]
 
     def __init__(self, image_key: str = "image", label_keys: KeysCollection = ("label", "classes"),
-                 allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False, optional_keys: KeysCollection = ()) -> None:
         self.image_key = image_key
         self.label_keys = ensure_tuple(label_keys)
+        self.optional_keys = tuple(k for k in ensure_tuple(optional_keys) if k not in self.label_keys)
         super().__init__(keys=(image_key, *self.label_keys), allow_missing_keys=allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -320,9 +323,9 @@ class CheckTiled(MapTransform):
                     f"{self.image_key}: intensities lie in 0..{high:g}; the image looks scaled to 0..1 already, "
                     "augmentation expects 0..255 (scale after augmenting)"
                 )
-        for key in self.label_keys:
+        for key in self.label_keys + self.optional_keys:
             if key not in d:
-                if self.allow_missing_keys:
+                if self.allow_missing_keys or key in self.optional_keys:
                     continue
                 raise KeyError(f"{key}: key missing from the sample (keys: {sorted(map(str, d))})")
             label = _numpy(d[key])
@@ -762,6 +765,8 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     Args:
         image_key: the (3, H, W) RGB image in 0..255.
         label_keys: (1, H, W) maps moved with the image without interpolation (instance map, class map).
+            The stored tile's ``contour_levels`` (``cellgap.targets.ContourLevelsd``) move with them when
+            the sample has them; the checks before augmenting make sure the image and these keys are there.
         stain_stats: dataset whose LAB statistics drive the stain jitter (``"pannuke"``, ``"conic"``,
             ``"cytodark0"``, ``"he"`` = neutral H&E), a mapping (see :func:`stain_statistics`), or None
             to leave the stain step out.
@@ -794,14 +799,17 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     def p(value: float) -> float:
         return min(1.0, value * prob_scale)
 
-    spatial = (image_key, *label_keys)
-    out: list = [CheckTiled(image_key, label_keys)]
+    # A stored tile's contour levels (ContourLevelsd), when present, move with the label maps.
+    optional = tuple(k for k in (CONTOUR_LEVELS_KEY,) if k not in label_keys)
+    spatial = (image_key, *label_keys, *optional)
+    out: list = [CheckTiled(image_key, label_keys, optional_keys=optional)]
     if crop_size is not None:
-        out.append(RandSquareCropd(spatial, roi_size=int(crop_size), random_size=False))
+        out.append(RandSquareCropd(spatial, roi_size=int(crop_size), random_size=False, allow_missing_keys=True))
     if stain_stats is not None:
         out.append(RandLABStainJitterd(image_key, stats=stain_stats, prob=p(0.7)))
-    out.append(RandDihedrald(spatial, rotate_prob=p(0.9), flip_prob=p(0.9)))  # rot90 0.9, then flip 0.9
-    out.append(RandCoarseElasticd(spatial, mode=("bilinear",) + ("nearest",) * len(label_keys), prob=p(0.7)))
+    out.append(RandDihedrald(spatial, rotate_prob=p(0.9), flip_prob=p(0.9), allow_missing_keys=True))  # rot90 0.9, flip 0.9
+    out.append(RandCoarseElasticd(spatial, mode=("bilinear",) + ("nearest",) * (len(spatial) - 1), prob=p(0.7),
+                                  allow_missing_keys=True))
     blur_noise = [
         RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=1.0),
         MedianSmooth3x3d(image_key),

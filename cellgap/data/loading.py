@@ -13,6 +13,7 @@ import torch
 from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform
 
+from ..targets import CONTOUR_LEVELS_KEY, CONTOUR_PROFILE_KEY
 from .native import check_class_ids, read_class_map, read_instance_map, read_rgb
 from .packed import packed_tiles_for
 
@@ -48,7 +49,10 @@ class LoadTiled(MapTransform):
 
     ``packed``: read tiles of a prepared dataset from its memory-mapped copy (``cellgap.data.packed``,
     ``<root>/packed``) when there is one and the tile's files are unchanged since packing: the same
-    arrays, checked at packing, at ≈0.2 instead of ≈5.6 ms per 256² tile.
+    arrays, checked at packing, at ≈0.2 instead of ≈5.6 ms per 256² tile. With ``contour_levels`` among
+    the keys, a tile read from the pack also brings its stored contour levels (1,H,W) uint8 and, under
+    ``contour_levels_profile``, the magnification profile they were computed for (``ContourLevelsd``
+    computes them for tiles read from the files).
     """
 
     def __init__(self, keys=("image", "label", "classes"), num_classes: int | None = None, allow_missing_keys: bool = True,
@@ -117,6 +121,9 @@ class LoadTiled(MapTransform):
                     d["classes"] = _tensor(classes, classes_path, shape)
                 else:
                     d["classes"] = _tensor((label > 0).astype(np.int32), label_path, shape)
+            if CONTOUR_LEVELS_KEY in self.keys and tiles.levels is not None:
+                d[CONTOUR_LEVELS_KEY] = _tensor(np.array(tiles.levels[row])[None], label_path, shape)
+                d[CONTOUR_PROFILE_KEY] = tiles.contour_profile
         return d
 
     def _classes(self, d: dict, label: np.ndarray, label_path: str) -> torch.Tensor:
