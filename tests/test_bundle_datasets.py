@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import run
+from monai.bundle import ConfigParser, run
 
+from cellgap import targets
 from cellgap.bundle import bundle_name
 from cellgap.data.fixtures import write_native
+from cellgap.data.packed import pack_dataset
 from cellgap.data.prepared import read_dataset_info
 from cellgap.data.registry import prepare_dataset
 from cellgap.encoders import DEMO_ENCODER
@@ -42,3 +44,26 @@ def test_native_files_convert_and_train_one_step(name, tmp_path):
     assert meta["magnification"] == info.magnification and meta["min_cell_size"] == info.cell_size
     head = [k for k in torch.load(tmp_path / "models" / "model.pt", weights_only=True)["decoder"] if k.startswith("type_head")]
     assert bool(head) == (info.num_classes > 1)  # single-class data builds no type head
+
+
+def test_bundle_training_pipeline_uses_the_packed_contour_levels(tmp_path, monkeypatch):
+    """On a packed dataset the bundle's train#preprocessing takes each tile's contour levels from the pack
+    and moves them through the augmentation: contour_levels is never computed per sample."""
+    raw = write_native("folder", tmp_path / "raw", n_images=8, split=True)
+    prepared = prepare_dataset("folder", raw, tmp_path / "prepared", progress=False, magnification=40)
+    pack_dataset(prepared, progress=False)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.read_meta(str(CONFIGS / "metadata.json"))
+    parser.update({"bundle_root": str(CONFIGS.parent), "dataset": "folder", "dataset_dir": str(prepared),
+                   "encoder_weights": "none", "allow_random_encoder": True, "decoder": TINY, "tile_size": 64})
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    items = parser.get_parsed_content("train#datalist")
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("contour levels recomputed although the pack holds them")
+
+    monkeypatch.setattr(targets, "contour_levels", not_here)
+    for item in items[:4]:
+        sample = preprocessing(item)
+        assert tuple(sample["contour_target"].shape) == (1, 64, 64) and "contour_levels" not in sample
