@@ -17,7 +17,7 @@ from cellgap.data.loading import LoadTiled
 from cellgap.data.packed import PACKED, pack_dataset
 from cellgap.data.prepared import DatasetInfo, PreparedWriter, datalist
 from cellgap.data.synthetic import generate_tile, synthetic_info
-from cellgap.magnification import PROFILE_20X
+from cellgap.magnification import PROFILE_20X, PROFILE_40X
 from cellgap.targets import CONTOUR_LEVELS_KEY, CONTOUR_PROFILE_KEY, ContourLevelsd, contour_levels
 
 
@@ -147,7 +147,7 @@ def test_pack_stores_each_tiles_contour_levels(tmp_path):
     (with the profile's name) only when asked, and ContourLevelsd keeps them instead of recomputing."""
     items = write(tmp_path / "d", n=3)
     pack_dataset(tmp_path / "d")
-    profile = synthetic_info(40).profile
+    profile = PROFILE_40X  # dataset.json says 40x
     keys = ("image", "label", "classes", CONTOUR_LEVELS_KEY)
     loader, levels_step = LoadTiled(keys=keys, num_classes=3), ContourLevelsd(magnification=40)
     for item in items:

@@ -9,7 +9,7 @@ files (which stay the reference)::
     <root>/packed/labels.npy   (N, H, W) uint16 or int32 instance maps
     <root>/packed/classes.npy  (N, H, W) uint8 class maps (absent when the dataset has none)
     <root>/packed/levels.npy   (N, H, W) uint8 contour levels of each whole tile (``cellgap.targets``,
-                               for the magnification profile of dataset.json, named in the index)
+                               for the magnification of dataset.json, profile named in the index)
     <root>/packed/index.json   tile ids, their source files with size and mtime, array dtypes
 
 Every tile is read and checked once, at packing, by the same readers and checks as ``LoadTiled``
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..magnification import profile_for
 from ..targets import CONTOUR_LEVELS_KEY, contour_levels
 from .native import read_class_map, read_instance_map, read_rgb
 from .prepared import INFO, read_dataset_info, read_manifest
@@ -76,7 +77,7 @@ def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: boo
         top = 0
         classes = np.lib.format.open_memmap(partial / "classes.npy", mode="w+", dtype=np.uint8,
                                             shape=(n, height, width)) if with_classes else None
-        profile = info.profile
+        profile = profile_for(magnification=info.magnification)  # as the bundles' ContourLevelsd (@magnification)
         levels = np.lib.format.open_memmap(partial / "levels.npy", mode="w+", dtype=np.uint8, shape=(n, height, width))
         sources = []
         for index, row in enumerate(tqdm(rows, desc=f"packing {root.name}", unit="tile", disable=not progress)):
