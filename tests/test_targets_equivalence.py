@@ -23,8 +23,6 @@ GOLDEN = Path(__file__).parent / "data" / "targets_golden.npz"
 PROFILES = {20: PROFILE_20X, 40: PROFILE_40X}
 
 
-
-
 def golden_tiles() -> dict[str, tuple[np.ndarray, np.ndarray | None, int]]:
     """name → (instance map, class map or None, magnification of the transform)."""
     from cellgap.data.synthetic import generate_tile

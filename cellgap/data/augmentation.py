@@ -799,10 +799,11 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     def p(value: float) -> float:
         return min(1.0, value * prob_scale)
 
-    # A stored tile's contour levels (ContourLevelsd), when present, move with the label maps.
-    optional = tuple(k for k in (CONTOUR_LEVELS_KEY,) if k not in label_keys)
-    spatial = (image_key, *label_keys, *optional)
-    out: list = [CheckTiled(image_key, label_keys, optional_keys=optional)]
+    # A stored tile's contour levels (ContourLevelsd), when present, move with the label maps; the check
+    # makes the image and label_keys required, so the spatial steps may skip the keys a sample lacks.
+    check = CheckTiled(image_key, label_keys, optional_keys=(CONTOUR_LEVELS_KEY,))
+    spatial = (image_key, *check.label_keys, *check.optional_keys)
+    out: list = [check]
     if crop_size is not None:
         out.append(RandSquareCropd(spatial, roi_size=int(crop_size), random_size=False, allow_missing_keys=True))
     if stain_stats is not None:

@@ -2,7 +2,8 @@
 
 Tests, benchmarks and bundle smoke runs use these to exercise the real converters:
 :func:`write_pannuke`, :func:`write_conic`, :func:`write_cytodark0`, :func:`write_folder`, or
-:func:`write_native` by dataset name; :func:`overlapping_ellipses` draws crowded instance maps.  Each returns the raw folder to pass to the converter.
+:func:`write_native` by dataset name.  Each returns the raw folder to pass to the converter.
+:func:`overlapping_ellipses` draws crowded instance maps for target and post-processing tests.
 The pictures are crude (discs on a textured background) but have the exact file layout, dtypes
 and shapes of the real releases.
 """
@@ -26,7 +27,6 @@ PANNUKE_TISSUES = ("Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", 
 CONIC_COHORTS = ("consep", "crag", "dpath", "glas", "pannuke")
 
 
-
 def overlapping_ellipses(rng: np.random.Generator, size: int, num_cells: int, radius: tuple[float, float]) -> np.ndarray:
     """(size, size) int32 instance map of ``num_cells`` random ellipses (semi-axes drawn from ``radius``),
     painted in order so that later cells cover earlier ones: crowded, mostly touching cells for target
@@ -42,6 +42,7 @@ def overlapping_ellipses(rng: np.random.Generator, size: int, num_cells: int, ra
         v = (-dr * np.sin(angle) + dc * np.cos(angle)) / b
         label[u**2 + v**2 <= 1] = cell
     return label
+
 
 def random_instances(rng: np.random.Generator, shape: tuple[int, int], n_cells: int, radius: tuple[int, int] = (3, 8)) -> np.ndarray:
     """An int32 instance map of ``n_cells`` random discs (later discs cover earlier ones)."""

@@ -190,7 +190,6 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
     return as_integer_labels(arr, str(path))
 
 
-
 def read_instance_map(path: str | os.PathLike, image_shape: tuple[int, ...] | None = None, image_path=None) -> np.ndarray:
     """A prepared tile's instance map: non-negative ids, and the image's height and width when given."""
     label = read_label_image(path)
@@ -216,6 +215,7 @@ def check_class_ids(classes: np.ndarray, path, num_classes: int | None) -> None:
     if low < 0 or (num_classes is not None and high > num_classes):
         raise ValueError(f"{path}: class ids {low}..{high}; expected 0..{num_classes} "
                          f"(0 = background) for this dataset's {num_classes} classes")
+
 
 def check_instance_map(label: np.ndarray, where: str) -> None:
     """Raise ValueError if ``label`` looks like a binary/semantic mask rather than an instance map.
