@@ -160,8 +160,8 @@ def train_config(spec: EncoderSpec) -> dict:
                 "$@view_spec.augmentation_transform()",
                 {"_target_": "cellgap.targets.CISCATargetsd", "magnification": "@magnification",
                  "num_contour_classes": "@num_contour_classes", "num_classes": "@num_classes"},
-                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
-                 "b_max": 1.0, "clip": True},
+                {"_target_": "cellgap.data.augmentation.ClipIntensityd", "keys": "image", "low": 0.0, "high": 255.0,
+                 "out_range": [0.0, 1.0]},
                 "$cellgap.cache.CachedFeaturesd(@embedding_cache) if @embedding_cache is not None else monai.transforms.Identityd('image')",
                 {"_target_": "SelectItemsd", "keys": "$['image', 'contour_target', 'distance_target', 'weight_mask', "
                                                      "'type_target'] + (list(cellgap.cache.CACHE_KEYS) if @embedding_cache "

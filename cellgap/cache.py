@@ -48,14 +48,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
-from monai.transforms import Compose, MapTransform, Randomizable, ScaleIntensityRanged, SelectItemsd
+from monai.transforms import Compose, MapTransform, Randomizable, SelectItemsd
 from monai.utils import MAX_SEED
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_write_text, jsonable
-from .data.augmentation import INTENSITY_MAX, cisca_augmentations
+from .data.augmentation import INTENSITY_MAX, ClipIntensityd, cisca_augmentations
 from .data.loading import LoadTiled
 from .training import PrepareCISCABatch
 
@@ -612,7 +612,7 @@ def default_fill_transform(view_spec: ViewSpec, num_classes: int | None = None) 
     return Compose([
         LoadTiled(num_classes=num_classes),  # labels too: the augmentation moves them and checks them
         view_spec.augmentation_transform(),
-        ScaleIntensityRanged("image", a_min=0.0, a_max=INTENSITY_MAX, b_min=0.0, b_max=1.0, clip=True),
+        ClipIntensityd("image", 0.0, INTENSITY_MAX, out_range=(0.0, 1.0)),
         SelectItemsd(["image", "cache_row"]),
     ])
 

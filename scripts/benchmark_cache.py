@@ -32,11 +32,12 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
-from monai.transforms import Compose, ScaleIntensityRanged, SelectItemsd
+from monai.transforms import Compose, SelectItemsd
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellgap.bundle import train_config
 from cellgap.cache import CachedFeaturesd, EmbeddingCache, PrepareCachedCISCABatch, ViewSpec, bytes_per_row, fill_cache
+from cellgap.data.augmentation import ClipIntensityd
 from cellgap.data.loading import LoadTiled
 from cellgap.data.prepared import datalist
 from cellgap.data.synthetic import prepare_synthetic
@@ -63,7 +64,7 @@ def build_samples(root: Path, tiles: int, size: int) -> list[dict]:
     spec = ViewSpec("clean", augmentation={"crop_size": size})
     pipeline = Compose([LoadTiled(num_classes=NUM_CLASSES), spec.augmentation_transform(),
                         CISCATargetsd(magnification=40, num_classes=NUM_CLASSES),
-                        ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
+                        ClipIntensityd("image", 0.0, 255.0, out_range=(0.0, 1.0)),
                         SelectItemsd(["id", "view", "image", *TARGET_KEYS])])
     return data, [pipeline(item) for item in data]
 

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
-from monai.transforms import Compose, ScaleIntensityRanged, SelectItemsd
+from monai.transforms import Compose, SelectItemsd
 
 from cellgap.cache import (
     CACHE_KEYS,
@@ -25,6 +25,7 @@ from cellgap.cache import (
     fill_cache,
     weights_identity,
 )
+from cellgap.data.augmentation import ClipIntensityd
 from cellgap.data.loading import LoadTiled
 from cellgap.data.prepared import datalist
 from cellgap.data.synthetic import prepare_synthetic
@@ -77,7 +78,7 @@ def _cache(root, data, spec, dtype="float32", net=None, **kwargs) -> EmbeddingCa
 def _pipeline(spec: ViewSpec, cache: EmbeddingCache | None = None) -> Compose:
     transforms = [LoadTiled(num_classes=NUM_CLASSES), spec.augmentation_transform(),
                   CISCATargetsd(magnification=40, num_classes=NUM_CLASSES),
-                  ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)]
+                  ClipIntensityd("image", 0.0, 255.0, out_range=(0.0, 1.0))]
     keys = ["image", *TARGET_KEYS, "view"]
     if cache is not None:
         transforms.append(CachedFeaturesd(cache))

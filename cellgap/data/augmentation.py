@@ -616,17 +616,24 @@ class RandSquareCropd(RandSpatialCropd):
         return super().__call__(data, lazy=lazy)
 
 
+_MEDIAN9_EXCHANGES = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+                      (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))  # median-of-9 network: v[4] ends as the median
+
+
 def median3x3(image: np.ndarray) -> np.ndarray:
     """3×3 median per channel of a (C, H, W) array with edge replication: what MONAI's
     ``MedianSmooth(radius=1)`` computes (≈50 ms per 256² RGB image there, via a 9-channel convolution
-    and ``torch.median``), here a 19-exchange median-of-9 network on shifted views (≈3 ms)."""
+    and ``torch.median``), here a 19-exchange median-of-9 network on the nine shifted copies, in place
+    with torch (≈3 ms; numpy's ``out=`` on an input copies it first, ≈7 ms)."""
     height, width = image.shape[1:]
-    padded = np.pad(image, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    v = [padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3)]
-    for a, b in ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
-                 (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2)):
-        v[a], v[b] = np.minimum(v[a], v[b]), np.maximum(v[a], v[b])
-    return np.ascontiguousarray(v[4])
+    padded = torch.from_numpy(np.pad(image, ((0, 0), (1, 1), (1, 1)), mode="edge"))
+    v = [padded[:, i : i + height, j : j + width].contiguous() for i in range(3) for j in range(3)]
+    low = torch.empty_like(v[0])
+    for a, b in _MEDIAN9_EXCHANGES:
+        torch.minimum(v[a], v[b], out=low)
+        torch.maximum(v[a], v[b], out=v[b])
+        v[a], low = low, v[a]
+    return v[4].numpy()
 
 
 class MedianSmooth3x3d(MapTransform):
@@ -727,22 +734,37 @@ class RandGammaContrastd(RandomizableTransform, MapTransform):
 
 
 class ClipIntensityd(MapTransform):
-    """Clip to ``low``..``high`` as float32 (what ``ScaleIntensityRanged`` with an identical source and
-    target range and ``clip=True`` computes, less its ≈0.5 ms of bookkeeping per call)."""
+    """Clip to ``low``..``high`` as float32 and, when ``out_range`` is given, map ``low``..``high`` linearly
+    onto it: MONAI's ``ScaleIntensityRanged(a_min=low, a_max=high, b_min, b_max, clip=True)`` (without
+    ``out_range``: b = a) in at most three in-place passes, less its ≈0.6 ms of bookkeeping and
+    temporaries per 256² image. The input is never modified."""
 
     backend = [TransformBackends.NUMPY]
 
     def __init__(self, keys: KeysCollection = "image", low: float = 0.0, high: float = INTENSITY_MAX,
-                 allow_missing_keys: bool = False) -> None:
+                 out_range: Sequence[float] | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if not (np.isfinite(low) and np.isfinite(high) and low <= high):
             raise ValueError(f"low, high: expected finite bounds with low ≤ high, got {low!r}, {high!r}")
         self.low, self.high = float(low), float(high)
+        self.scale, self.offset = 1.0, 0.0
+        if out_range is not None:
+            out_low, out_high = (float(v) for v in out_range)
+            if not (np.isfinite(out_low) and np.isfinite(out_high) and out_low < out_high and low < high):
+                raise ValueError(f"out_range: expected finite bounds low < high (and low < high on input), "
+                                 f"got {tuple(out_range)!r} for {low!r}..{high!r}")
+            self.scale = (out_high - out_low) / (self.high - self.low)
+            self.offset = out_low - self.low * self.scale
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = _like(np.clip(_numpy(d[key]).astype(np.float32, copy=False), self.low, self.high), d[key])
+            out = np.clip(_numpy(d[key]).astype(np.float32, copy=False), self.low, self.high)  # a new array
+            if self.scale != 1.0:
+                out *= np.float32(self.scale)
+            if self.offset:
+                out += np.float32(self.offset)
+            d[key] = _like(out, d[key])
         return d
 
 
