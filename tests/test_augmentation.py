@@ -115,6 +115,19 @@ def test_full_pipeline_keeps_label_ids_and_class_correspondence():
         assert image.min() >= 0 and image.max() <= 255
 
 
+def test_uint8_image_as_loaded_augments_like_its_float32_copy():
+    for seed in range(8):
+        sample = blob_sample(seed)
+        sample["image"] = np.rint(sample["image"]).astype(np.uint8)
+        outputs = []
+        for image in (sample["image"], sample["image"].astype(np.float32)):
+            pipeline = Compose(cisca_augmentations(stain_stats="pannuke", crop_size=48)).set_random_state(seed)
+            outputs.append(pipeline({"image": torch.from_numpy(image), "label": sample["label"], "classes": sample["classes"]}))
+        assert outputs[0]["image"].dtype == torch.float32
+        for key in ("image", "label", "classes"):
+            np.testing.assert_array_equal(as_numpy(outputs[0][key]), as_numpy(outputs[1][key]))
+
+
 def geometric_pipeline(crop_size: int | None, elastic: bool) -> Compose:
     steps = [t for t in cisca_augmentations(crop_size=crop_size, stain_stats=None)
              if isinstance(t, (CheckTiled, RandSpatialCropd, RandDihedrald))]

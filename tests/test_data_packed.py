@@ -52,6 +52,8 @@ def test_packed_tiles_equal_the_files(tmp_path, classes):
     items = write(tmp_path / "d", classes=classes)
     files = LoadTiled(num_classes=3, packed=False)
     expected = [files(item) for item in items]
+    stored = np.moveaxis(generate_tile(0, size=expected[0]["image"].shape[-1], magnification=40).image, -1, 0)
+    assert expected[0]["image"].dtype == torch.uint8 and np.array_equal(expected[0]["image"].numpy(), stored)
     folder = pack_dataset(tmp_path / "d")
     assert folder == tmp_path / "d" / PACKED
     assert np.load(folder / "labels.npy", mmap_mode="r").dtype == np.uint16

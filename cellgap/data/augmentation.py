@@ -1,10 +1,11 @@
 """Training augmentation of CISCA (METHOD.md §7) as MONAI dictionary transforms.
 
-The sample keys follow docs/contracts.md: ``image`` (3, H, W) float32 in 0..255 (augment *before*
-scaling to 0..1), ``label`` (1, H, W) instance map and ``classes`` (1, H, W) class map. Geometric
-transforms move image and label maps with identical parameters (label maps by exact index moves or
-nearest sampling, never interpolated); photometric transforms touch the image only. The targets
-are recomputed afterwards from the augmented instance map by ``cellgap.targets.CISCATargetsd``.
+The sample keys follow docs/contracts.md: ``image`` (3, H, W) in 0..255, uint8 as ``LoadTiled`` gives it
+or float (augment *before* scaling to 0..1), ``label`` (1, H, W) instance map and ``classes`` (1, H, W)
+class map. Geometric transforms move image and label maps with identical parameters (label maps by
+exact index moves or nearest sampling, never interpolated); photometric transforms touch the image
+only, in float32. The targets are recomputed afterwards from the augmented instance map by
+``cellgap.targets.CISCATargetsd``.
 
 :func:`cisca_augmentations` returns the ordered pipeline of §7 (augHE / augNissl). MONAI supplies
 the crop, Gaussian blur and sharpening, contrast about the mean and brightness; this module adds what
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor, get_track_meta
 from monai.transforms import (
+    CastToTyped,
     Compose,
     Identityd,
     MapTransform,
@@ -196,7 +198,9 @@ def rgb_to_lab8(image: np.ndarray) -> np.ndarray:
 
     The image is read at 8-bit precision, as RandStainNA reads it.
     """
-    rgb8 = np.clip(image + np.float32(0.5), 0, 255).astype(np.uint8)  # round to the nearest 8-bit value
+    rgb8 = image
+    if image.dtype != np.uint8:
+        rgb8 = np.clip(image + np.float32(0.5), 0, 255).astype(np.uint8)  # round to the nearest 8-bit value
     linear = np.take(_DECODE_8BIT, rgb8.reshape(3, -1))
     f = _lookup(_LAB_F_TABLE, _mix(_RGB_TO_XYZN, linear))
     lab = np.empty_like(f)
@@ -453,8 +457,9 @@ class RandCoarseElasticd(RandomizableTransform, MapTransform):
     A ``grid_size``×``grid_size`` grid of displacements, uniform in ±``magnitude`` px per axis, with the
     border points' normal component pointing inwards (so no pixel is sampled from outside the tile),
     upsampled bilinearly to the tile (align_corners) and applied per key by ``mode``: "bilinear" for
-    images (``torch.grid_sample``, border padding), "nearest" for label maps (an exact gather at the
-    rounded source position: values are only moved, never mixed, and the input dtype is kept).
+    images (``torch.grid_sample``, border padding; float32 out, whatever the input dtype), "nearest" for
+    label maps (an exact gather at the rounded source position: values are only moved, never mixed, and
+    the input dtype is kept).
 
     MONAI's Rand2DElasticd draws normal offsets, upsamples them bicubically and resamples in float64
     (≈30 ms per 256² sample on the dev machine); it also has no inward border rule. Here the dense
@@ -536,7 +541,7 @@ class RandCoarseElasticd(RandomizableTransform, MapTransform):
                                                       y * np.float32(2.0 / max(height - 1, 1)) - np.float32(1.0)], axis=-1)[None])
                 source = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
                 out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)[0].numpy()
-                d[k] = _like(out if array.dtype.kind == "f" else np.rint(out).astype(array.dtype), d[k])
+                d[k] = _like(out, d[k])
             else:
                 if index is None:  # rint rounds halves to even, as grid_sample's nearest mode does
                     index = (np.rint(y).astype(np.intp) * width + np.rint(x).astype(np.intp)).ravel()
@@ -785,7 +790,7 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     """The ordered training augmentations of METHOD.md §7 as MONAI dictionary transforms.
 
     Args:
-        image_key: the (3, H, W) RGB image in 0..255.
+        image_key: the (3, H, W) RGB image in 0..255 (uint8 or float; float32 after the spatial steps).
         label_keys: (1, H, W) maps moved with the image without interpolation (instance map, class map).
             The stored tile's ``contour_levels`` (``cellgap.targets.ContourLevelsd``) move with them when
             the sample has them; the checks before augmenting make sure the image and these keys are there.
@@ -804,7 +809,8 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     horizontal or both, uniformly); elastic 0.7; blur/noise 0.15 (Gaussian blur 0.3, median 0.15,
     Gaussian noise 0.2, sharpen 0.2); contrast 0.7 (gamma 0.5, contrast about the mean 0.5,
     brightness 0.2); colour 0.65 (HSV shift ±10°/±30/±20, or hue ±36° + brightness ±25.5, equally);
-    additive noise 0.15 (σ ≤ 0.03·255); finally the image is clipped to 0..255.
+    additive noise 0.15 (σ ≤ 0.03·255); finally the image is clipped to 0..255. The image is float32 from
+    the elastic step on (a cast after it when neither the stain step nor the elastic step fired).
 
     Usable from a bundle config: ``"$cellgap.data.augmentation.cisca_augmentations(stain_stats='pannuke')"``.
     """
@@ -833,6 +839,7 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     out.append(RandDihedrald(spatial, rotate_prob=p(0.9), flip_prob=p(0.9), allow_missing_keys=True))  # rot90 0.9, flip 0.9
     out.append(RandCoarseElasticd(spatial, mode=("bilinear",) + ("nearest",) * (len(spatial) - 1), prob=p(0.7),
                                   allow_missing_keys=True))
+    out.append(CastToTyped(image_key, dtype=torch.float32))  # the loader's uint8 image: photometric steps compute in float32
     blur_noise = [
         RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=1.0),
         MedianSmooth3x3d(image_key),

@@ -41,7 +41,9 @@ def _tensor(array: np.ndarray, path: str, shape: tuple[int, int]) -> torch.Tenso
 class LoadTiled(MapTransform):
     """Read ``image`` (8-bit RGB PNG/TIFF), ``label`` (integer instance map) and ``classes`` (class map).
 
-    Produces ``image`` (3,H,W) float32 in 0..255, ``label`` (1,H,W) int32 and ``classes`` (1,H,W) int32 as
+    Produces ``image`` (3,H,W) uint8 (the stored 8-bit values: a crop or turn then moves a quarter of the
+    bytes of float32, and scaling or the first photometric step makes it float32), ``label`` (1,H,W)
+    int32 and ``classes`` (1,H,W) int32 as
     MetaTensors carrying the source file name (plain tensors under ``monai.data.set_track_meta(False)``).
     An empty or absent ``classes`` path means a single-class dataset: ``classes = label > 0``.
     ``num_classes`` (if given) bounds the class ids. Keys absent from ``keys`` are not read (inference
@@ -78,10 +80,8 @@ class LoadTiled(MapTransform):
             if not image_path:
                 raise KeyError(f"sample {d.get('id', '?')!r}: no 'image' path")
             rgb = read_rgb(image_path)
-            # Channel-first in memory too: astype would keep the H×W×3 layout behind (3, H, W) strides,
-            # and every later step would pay for strided reads or a copy (≈3.5 ms for a 1024² tile).
-            image = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
-            image[...] = np.moveaxis(rgb, -1, 0)
+            # Channel-first in memory too: a transposed view would leave every later step strided reads.
+            image = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
             d["image"] = _tensor(image, image_path, rgb.shape[:2])
             d.setdefault("id", tile_id(image_path))  # names the outputs even when MetaTensor tracking is off
         if "label" in self.keys and d.get("label"):
@@ -106,7 +106,7 @@ class LoadTiled(MapTransform):
         row = tiles.row(**paths)
         if row is None:
             return None
-        image = np.array(tiles.images[row], dtype=np.float32)
+        image = np.array(tiles.images[row])  # a copy: the memory map stays read-only
         shape = image.shape[1:]
         d["image"] = _tensor(image, image_path, shape)
         d.setdefault("id", tile_id(image_path))
