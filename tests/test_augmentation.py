@@ -333,7 +333,7 @@ def test_clip_matches_scale_intensity_range_clip():
     assert as_numpy(out["image"]).dtype == np.float32 and image.min() < 0  # the input is not modified
 
 
-@pytest.mark.parametrize("out_range", [(0.0, 1.0), (-1.0, 1.0)])
+@pytest.mark.parametrize("out_range", [(0.0, 1.0), (-1.0, 1.0), (0.1, 0.7)])
 def test_clip_with_out_range_matches_scale_intensity_range(out_range):
     image = torch.from_numpy(np.random.default_rng(2).normal(128, 100, (3, 64, 64)).astype(np.float32))
     kept = image.clone()
@@ -343,6 +343,10 @@ def test_clip_with_out_range_matches_scale_intensity_range(out_range):
     np.testing.assert_array_equal(as_numpy(out["image"]), as_numpy(expected["image"]))  # to the bit
     assert isinstance(out["image"], torch.Tensor) and out["image"].dtype == torch.float32
     assert torch.equal(image, kept)  # the input is not modified
+    loaded = {"image": image.clamp(0, 255).to(torch.uint8)}  # LoadTiled's uint8 image, as the validation pipeline gets it
+    np.testing.assert_array_equal(as_numpy(ClipIntensityd("image", 0.0, 255.0, out_range=out_range)(loaded)["image"]),
+                                  as_numpy(ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=out_range[0],
+                                                                b_max=out_range[1], clip=True)(loaded)["image"]))
 
 
 @pytest.mark.parametrize("kwargs", [dict(low=0.0, high=0.0, out_range=(0.0, 1.0)), dict(out_range=(1.0, 0.0)),

@@ -763,16 +763,18 @@ class ClipIntensityd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            out = np.clip(_numpy(d[key]).astype(np.float32, copy=False), self.low, self.high)  # a new array
-            if self.out_range is not None:  # MONAI's operations in its order: the same float32 values to the bit
+            array = _numpy(d[key])
+            if self.out_range is None:
+                out = np.clip(array.astype(np.float32, copy=False), self.low, self.high)  # a new array
+            else:  # MONAI's operations in its order, clip last: the same float32 values to the bit
                 out_low, out_high = self.out_range
-                if self.low:
-                    out -= np.float32(self.low)
+                out = np.subtract(array, np.float32(self.low), dtype=np.float32)  # a new array
                 out /= np.float32(self.high - self.low)
                 if out_high - out_low != 1.0:
                     out *= np.float32(out_high - out_low)
                 if out_low:
                     out += np.float32(out_low)
+                np.clip(out, out_low, out_high, out=out)
             d[key] = _like(out, d[key])
         return d
 
