@@ -35,8 +35,8 @@ def _common(spec: EncoderSpec) -> dict:
     return {
         # MONAI binds `import a.b` as the name "a.b": import the package, then the submodules it must hold.
         "imports": ["$import os", "$import torch", "$import ignite", "$import monai", "$import cellgap",
-                    "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.sampling",
-                    "$import cellgap.data.selection", "$import cellgap.training"],
+                    "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.device_augmentation",
+                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.training"],
         "bundle_root": ".",
         "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
         "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
@@ -115,6 +115,13 @@ def train_config(spec: EncoderSpec) -> dict:
         "loss_weights": None,
         "tversky": "region",
         "augment_prob_scale": 1.0,
+        "_desc_photometric_on_device": "GPU training: run the stain, blur/noise, contrast, colour and noise steps on the training "
+                                       "batch on the GPU (cellgap.data.device_augmentation) instead of in the loader workers, "
+                                       "whose CPU time per tile then about halves; cache_mode 'off' only. Leave it off on a "
+                                       "CPU: there the batch step costs more than the workers' per-sample steps",
+        "photometric_on_device": False,
+        "batch_photometric": "$cellgap.data.device_augmentation.BatchPhotometricAugmentation(stain_stats=@stain_stats, "
+                             "prob_scale=@augment_prob_scale, seed=@seed) if @photometric_on_device else None",
         "stain_stats": "$@dataset if @dataset in ('pannuke', 'conic', 'cytodark0') else 'he'",
         "balanced_sampling": False,
         "_desc_cache_mode": "embedding cache of the frozen encoder's maps: off (features on the fly, random augmentation), "
@@ -149,7 +156,7 @@ def train_config(spec: EncoderSpec) -> dict:
                                       "mpp": "$@dataset_info.mpp", "min_cell_size": "@min_cell_size",
                                       "key_metric": "@key_metric", "cellgap_version": __version__}},
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
-        "train_prepare_batch": "$cellgap.training.PrepareCISCABatch() if @cache_mode == 'off' else "
+        "train_prepare_batch": "$cellgap.training.PrepareCISCABatch(photometric=@batch_photometric) if @cache_mode == 'off' else "
                                "cellgap.cache.PrepareCachedCISCABatch(encoder=@network_def.encoder, cache=@embedding_cache)",
         "train": {
             "datalist": "$@data.datalist(@train_split)",
@@ -157,11 +164,11 @@ def train_config(spec: EncoderSpec) -> dict:
                 {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes",
                  "keys": ["image", "label", "classes", "contour_levels"]},
                 {"_target_": "cellgap.targets.ContourLevelsd", "magnification": "@magnification"},
-                "$@view_spec.augmentation_transform()",
+                "$@view_spec.augmentation_transform(photometric=not @photometric_on_device)",
                 {"_target_": "cellgap.targets.CISCATargetsd", "magnification": "@magnification",
                  "num_contour_classes": "@num_contour_classes", "num_classes": "@num_classes"},
                 {"_target_": "cellgap.data.augmentation.ClipIntensityd", "keys": "image", "low": 0.0, "high": 255.0,
-                 "out_range": [0.0, 1.0]},
+                 "out_range": [0.0, 1.0], "_disabled_": "@photometric_on_device"},
                 "$cellgap.cache.CachedFeaturesd(@embedding_cache) if @embedding_cache is not None else monai.transforms.Identityd('image')",
                 {"_target_": "SelectItemsd", "keys": "$['image', 'contour_target', 'distance_target', 'weight_mask', "
                                                      "'type_target'] + (list(cellgap.cache.CACHE_KEYS) if @embedding_cache "

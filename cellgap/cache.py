@@ -75,7 +75,8 @@ NUM_LEVELS = 4
 DIGEST_SIZE = 16
 COMPLETE = 1
 _STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}  # numpy has no bfloat16
-_AUGMENTATION_ARGS = tuple(p for p in inspect.signature(cisca_augmentations).parameters)
+# photometric is chosen by augmentation_transform (the bundle's photometric_on_device), not by the view spec
+_AUGMENTATION_ARGS = tuple(p for p in inspect.signature(cisca_augmentations).parameters if p != "photometric")
 
 
 def _digest(value, size: int = 10) -> str:
@@ -191,10 +192,14 @@ class ViewSpec:
         """What the cached maps depend on (goes into the cache key)."""
         return {"mode": self.mode, "num_views": self.views, "seed": self.seed, "augmentation": jsonable(self.augmentation)}
 
-    def augmentation_transform(self) -> Compose | SeededViewd:
+    def augmentation_transform(self, photometric: bool = True) -> Compose | SeededViewd:
         """The augmentation step of the training pipeline (and of the cache fill) for this mode:
-        on-the-fly random augmentation for ``"off"``, seeded views for ``"clean"`` and ``"views"``."""
-        augmentation = Compose(cisca_augmentations(**self.augmentation))
+        on-the-fly random augmentation for ``"off"``, seeded views for ``"clean"`` and ``"views"``.
+        ``photometric=False`` (mode ``"off"`` only) leaves the photometric steps to the training batch."""
+        if not photometric and self.mode != "off":
+            raise ValueError(f"photometric steps on the device need cache_mode 'off', got {self.mode!r}: a cached view "
+                             "holds the encoder's maps of the fully augmented tile")
+        augmentation = Compose(cisca_augmentations(**self.augmentation, photometric=photometric))
         if self.mode == "off":
             return augmentation
         return SeededViewd(augmentation, num_views=self.views, seed=self.seed)
@@ -737,6 +742,7 @@ class PrepareCachedCISCABatch(PrepareCISCABatch):
     """
 
     def __init__(self, encoder: nn.Module | None = None, cache: EmbeddingCache | None = None, features_key: str = FEATURES_KEY):
+        super().__init__()  # no batch photometric step: cached maps come from fully augmented views
         self.encoder = encoder
         self.cache = cache
         self.features_key = features_key

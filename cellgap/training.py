@@ -4,6 +4,7 @@ checkpoint metadata that refuses a decoder trained for another encoder or anothe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,12 +21,22 @@ class PrepareCISCABatch(PrepareBatch):
     Training batches (with the CISCA targets) give a dict of targets for the loss.  Evaluation batches
     give the instance map ``label`` itself, so that it stays available to post-processing and metrics
     under ``label`` (MONAI evaluators store the targets as ``output["label"]``); inference gives None.
+
+    ``photometric``: a batch transform of images in 0..255 (``cellgap.data.device_augmentation.
+    BatchPhotometricAugmentation``) applied on the device, after which the image is scaled to 0..1: the
+    training pipeline then leaves the photometric steps and the scaling out (bundles:
+    ``photometric_on_device``).
     """
+
+    def __init__(self, photometric: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.photometric = photometric
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         if "image" not in batchdata:
             raise KeyError(f"batch has no 'image'; keys: {sorted(batchdata)}")
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+        if self.photometric is not None:
+            image = self.photometric(image) / 255.0
         targets = {k: batchdata[k].to(device=device, non_blocking=non_blocking) for k in TARGET_KEYS if k in batchdata}
         if targets:
             return image, targets

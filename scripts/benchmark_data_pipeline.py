@@ -12,6 +12,9 @@ times, per tile, on one thread and without workers:
 * augment — ``cisca_augmentations`` on tiles already in memory (levels moved along), with a per-step profile;
 * targets — ``cellgap.targets.CISCATargetsd`` on augmented tiles, with the moved levels and recomputing them;
 * full — load + augment + targets + scaling to 0..1, as a training data loader runs it (files, packed);
+* loader share with ``photometric_on_device`` — load + the spatial steps + targets (the photometric steps
+  and the scaling run on the training batch instead), and that batch step's own cost per tile on this CPU
+  and, when there is one, on the CUDA device;
 * cached tiles — the same without loading, as with a CacheDataset that keeps the loaded tiles.
 
 CPU time of this process is the figure that survives other jobs on the machine; wall time is what a
@@ -37,6 +40,7 @@ from monai.data import set_track_meta  # noqa: E402
 from monai.transforms import Compose, OneOf  # noqa: E402
 
 from cellgap.data.augmentation import ClipIntensityd, cisca_augmentations  # noqa: E402
+from cellgap.data.device_augmentation import BatchPhotometricAugmentation  # noqa: E402
 from cellgap.data.loading import LoadTiled  # noqa: E402
 from cellgap.data.packed import pack_dataset  # noqa: E402
 from cellgap.data.prepared import PreparedWriter, datalist  # noqa: E402
@@ -84,6 +88,27 @@ def step_profile(steps: list, samples: list[dict], repeats: int) -> list[tuple[s
     return [(step_name(s), t / (repeats * len(samples)) * 1e3) for s, t in zip(steps, spent)]
 
 
+def batch_photometric_report(batch: torch.Tensor, stain: str, repeats: int) -> str:
+    """Per-tile cost of the batch photometric step on this CPU (one thread) and, when there is one, on CUDA."""
+    lines = [f"batch photometric step (BatchPhotometricAugmentation, batch of {len(batch)} 256² tiles), per tile:"]
+    augment = BatchPhotometricAugmentation(stain_stats=stain, seed=0)
+    augment(batch)
+    cpu = time.process_time()
+    for _ in range(repeats):
+        augment(batch)
+    lines.append(f"  CPU, one thread: {(time.process_time() - cpu) / (repeats * len(batch)) * 1e3:.2f} ms CPU")
+    if torch.cuda.is_available():
+        on_device = batch.cuda()
+        augment(on_device)
+        torch.cuda.synchronize()
+        wall = time.perf_counter()
+        for _ in range(10 * repeats):
+            augment(on_device)
+        torch.cuda.synchronize()
+        lines.append(f"  {torch.cuda.get_device_name()}: {(time.perf_counter() - wall) / (10 * repeats * len(batch)) * 1e3:.3f} ms wall")
+    return "\n".join(lines)
+
+
 def report(name: str, wall: float, cpu: float) -> str:
     return f"| {name} | {wall:.1f} | {cpu:.1f} | {1e3 / cpu:.0f} |"
 
@@ -113,7 +138,7 @@ def main() -> None:
         targets = CISCATargetsd(magnification=args.magnification)
         scale = ClipIntensityd("image", 0.0, 255.0, out_range=(0.0, 1.0))  # as the bundles' train.json
         rows = ["| stage | wall ms/tile | CPU ms/tile | tiles/s per core (CPU) |", "|---|---|---|---|"]
-        profiles = {}
+        profiles, batches = {}, []
         for track_meta in (True, False):
             set_track_meta(track_meta)
             meta = "MetaTensor" if track_meta else "track_meta(False)"
@@ -142,7 +167,16 @@ def main() -> None:
                 if not track_meta:
                     profiles[name] = step_profile(cisca_augmentations(stain_stats=args.stain, crop_size=256), loaded,
                                                   args.repeats)
+                    spatial = cisca_augmentations(stain_stats=args.stain, crop_size=256, photometric=False)
+                    loader_share = Compose([load_packed, *spatial, targets]).set_random_state(args.seed)
+                    rows.append(report(f"{name}, {meta}: **loader share, photometric steps on the device** "
+                                       "(load packed+spatial steps+targets)", *timed(loader_share, items, args.repeats)))
+                    if name.startswith("256"):
+                        batch = torch.stack([Compose(spatial).set_random_state(args.seed)(s)["image"] for s in loaded])
+                        batches.append(batch)
         print("\n".join(rows))
+        for batch in batches:
+            print("\n" + batch_photometric_report(batch, args.stain, args.repeats))
         for name, profile in profiles.items():
             print(f"\naugmentation steps, {name}, track_meta(False), mean CPU ms per tile (probabilities included):")
             for step, ms in profile:

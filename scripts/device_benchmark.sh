@@ -18,17 +18,18 @@
 #
 #        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=480)
 #
-#    The benchmark stops starting encoders after BUDGET seconds (default 300; most important encoders first),
-#    is interrupted at BUDGET + 90 s at the latest and still prints its table, so the call ends in about
-#    6–7 minutes and leaves device time for a second try.  Arguments after the script name go to
+#    The data-pipeline benchmark runs first (at most 2 minutes: CPU figures of this machine, and the batch
+#    photometric step on the GPU). The training benchmark then stops starting encoders after BUDGET seconds
+#    (default 240; most important encoders first), is interrupted at BUDGET + 90 s at the latest and still
+#    prints its table, so the call ends in about 7 minutes and leaves device time for a second try.  Arguments after the script name go to
 #    benchmark_training.py (e.g. `bash scripts/device_benchmark.sh --encoders vit_l16_21k,uni`).
 #
 # What comes back under $OUT: benchmark_training.json (full record), benchmark_training.log (everything
-# printed, tracebacks included) and nvidia-smi.txt.  The Markdown table is the last thing printed.
+# printed, tracebacks included), benchmark_data_pipeline.log and nvidia-smi.txt.  The Markdown table is the last thing printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
-BUDGET=${BUDGET:-300}
+BUDGET=${BUDGET:-240}
 mkdir -p "$OUT"
 
 if ! ls .whl/*.whl >/dev/null 2>&1; then
@@ -44,6 +45,10 @@ cat "$OUT/nvidia-smi.txt"
 python3 -c "import torch, timm, monai, ignite, nibabel, cellgap.bundle, cellgap.targets; \
 print('python3', __import__('sys').version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, \
 'monai', monai.__version__, 'ignite', ignite.__version__, 'cuda available', torch.cuda.is_available())" || exit 4
+
+# The data pipeline on this machine's CPU and the batch photometric step on its GPU (about a minute).
+timeout --kill-after=10 120 python3 scripts/benchmark_data_pipeline.py --tiles 16 --repeats 1 \
+    2>&1 | grep -v "packing" | tee "$OUT/benchmark_data_pipeline.log"
 
 timeout --signal=INT --kill-after=30 $((BUDGET + 90)) \
     python3 scripts/benchmark_training.py --device cuda --time-budget "$BUDGET" --out "$OUT/benchmark_training.json" "$@" \

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.bundle import ConfigWorkflow, run
+from monai.bundle import ConfigParser, ConfigWorkflow, run
 from PIL import Image
 
 from cellgap.bundle import PINNED, bundle_name, render_bundle
+from cellgap.data.device_augmentation import BatchPhotometricAugmentation
 from cellgap.encoders import DEMO_ENCODER, ENCODERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,25 @@ def test_training_from_the_embedding_cache(mode, tmp_path):
     complete = np.load(folders[0] / "complete.npy")
     views = 1 if mode == "clean" else 2
     assert complete.shape[0] == 4 * views and complete.all()  # 4 training tiles × views, every row verified
+
+
+def test_training_with_the_photometric_steps_on_the_device(tmp_path):
+    overrides = _common(tmp_path, photometric_on_device=True)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser.update(overrides)
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    steps = [type(t).__name__ for t in preprocessing.transforms]
+    augmentation = [type(t).__name__ for t in preprocessing.transforms[2].transforms]
+    assert augmentation[-1] == "CastToTyped" and "RandLABStainJitterd" not in augmentation
+    assert "ClipIntensityd" not in steps  # images reach the device in 0..255, scaled after the batch step there
+    assert isinstance(parser.get_parsed_content("train_prepare_batch").photometric, BatchPhotometricAugmentation)
+    _quiet_run(["train.json"], epochs=1, epoch_length=2, batch_size=2, val_batch_size=2, **overrides)
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_photometric_steps_on_the_device_need_cache_mode_off(tmp_path):
+    overrides = _common(tmp_path, photometric_on_device=True, cache_mode="clean", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(Exception) as info:
+        _quiet_run(["train.json"], epochs=1, epoch_length=1, batch_size=2, **overrides)
+    assert "need cache_mode 'off'" in _chain(info.value)

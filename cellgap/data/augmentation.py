@@ -792,7 +792,7 @@ def _one_of(transforms: list, weights: Sequence[float], prob: float, keys) -> On
 
 def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = ("label", "classes"),
                         stain_stats: str | Mapping | StainStatistics | None = "he", crop_size: int | None = 256,
-                        prob_scale: float = 1.0) -> list:
+                        prob_scale: float = 1.0, photometric: bool = True) -> list:
     """The ordered training augmentations of METHOD.md §7 as MONAI dictionary transforms.
 
     Args:
@@ -810,6 +810,9 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
             at the crop's edges.
             Tiles not larger than it pass whole; None: no crop.
         prob_scale: multiplies every step's probability (capped at 1); 0 leaves check, crop and clip only.
+        photometric: False leaves out every step that changes colours or intensities (stain, blur/noise,
+            contrast, colour, noise, clip): the list ends with the elastic step and a float32 cast, for
+            ``cellgap.data.device_augmentation.BatchPhotometricAugmentation`` to apply them on the batch.
 
     Steps and probabilities: stain 0.7; rot90 0.9 (k uniform in {0,1,2,3}); flip 0.9 (vertical,
     horizontal or both, uniformly); elastic 0.7; blur/noise 0.15 (Gaussian blur 0.3, median 0.15,
@@ -840,12 +843,14 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     out: list = [check]
     if crop_size is not None:
         out.append(RandSquareCropd(spatial, roi_size=int(crop_size), random_size=False, allow_missing_keys=True))
-    if stain_stats is not None:
+    if stain_stats is not None and photometric:
         out.append(RandLABStainJitterd(image_key, stats=stain_stats, prob=p(0.7)))
     out.append(RandDihedrald(spatial, rotate_prob=p(0.9), flip_prob=p(0.9), allow_missing_keys=True))  # rot90 0.9, flip 0.9
     out.append(RandCoarseElasticd(spatial, mode=("bilinear",) + ("nearest",) * (len(spatial) - 1), prob=p(0.7),
                                   allow_missing_keys=True))
     out.append(CastToTyped(image_key, dtype=torch.float32))  # the loader's uint8 image: photometric steps compute in float32
+    if not photometric:
+        return out
     blur_noise = [
         RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=1.0),
         MedianSmooth3x3d(image_key),
