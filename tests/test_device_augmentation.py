@@ -113,3 +113,18 @@ def test_cached_views_cannot_leave_the_photometric_steps_to_the_device():
     with pytest.raises(ValueError, match="cache_mode 'off'"):
         ViewSpec("views", num_views=2).augmentation_transform(photometric=False)
     assert isinstance(ViewSpec("off").augmentation_transform(photometric=False), Compose)
+
+
+def test_additive_noise_has_the_drawn_spread():
+    augment = BatchPhotometricAugmentation(stain_stats=None, seed=5)
+    flat = torch.full((2000, 3, 16, 16), 128.0)
+    out = augment(flat)
+    only_noise = torch.ones(2000, dtype=torch.bool)
+    for name in ("blur_noise", "contrast", "colour"):
+        only_noise &= augment.last_choices[name] < 0
+    only_noise &= augment.last_choices["noise"] == 0
+    spread = (out[only_noise] - 128.0).std(dim=(1, 2, 3))
+    assert only_noise.sum() > 10 and spread.max() <= 0.03 * 255 * 1.15 and spread.mean() > 0.25 * 0.03 * 255
+    untouched = (augment.last_choices["noise"] < 0) & (augment.last_choices["blur_noise"] < 0) \
+        & (augment.last_choices["contrast"] < 0) & (augment.last_choices["colour"] < 0)
+    assert torch.equal(out[untouched], flat[untouched])

@@ -144,6 +144,11 @@ class BatchPhotometricAugmentation:
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=self.generator, dtype=torch.float64)
 
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise drawn on ``like``'s device, by a generator seeded from ours."""
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        return torch.randn(like.shape, generator=torch.Generator(device=like.device).manual_seed(seed), device=like.device)
+
     def _one_of(self, name: str, n: int, weights: list[float], prob: float) -> torch.Tensor:
         """The reference's OneOf(p): per sample, -1 with probability 1 − p, else a member ∝ weights."""
         fires = torch.rand(n, generator=self.generator) < prob
@@ -183,8 +188,7 @@ class BatchPhotometricAugmentation:
         blur = self._one_of("blur_noise", n, [0.3, 0.15, 0.2, 0.2], self._p(0.15))
         apply(blur, 0, lambda batch, rows: gaussian_filter(batch, sigma[0][rows], sigma[1][rows]))
         apply(blur, 1, lambda batch, rows: median3x3(batch))
-        apply(blur, 2, lambda batch, rows: batch + torch.randn(batch.shape, generator=self.generator).to(device)
-              * on(noise_std[rows])[:, None, None, None])
+        apply(blur, 2, lambda batch, rows: batch + self._noise(batch) * on(noise_std[rows])[:, None, None, None])
 
         def sharpen(batch, rows):
             blurred = gaussian_filter(batch, sharp[0][rows], sharp[1][rows])
@@ -221,8 +225,7 @@ class BatchPhotometricAugmentation:
 
         final_std = self._uniform(n, 0.0, 0.03 * INTENSITY_MAX)
         noise = self._one_of("noise", n, [1.0], self._p(0.15))
-        apply(noise, 0, lambda batch, rows: batch + torch.randn(batch.shape, generator=self.generator).to(device)
-              * on(final_std[rows])[:, None, None, None])
+        apply(noise, 0, lambda batch, rows: batch + self._noise(batch) * on(final_std[rows])[:, None, None, None])
         return x.clamp_(0, INTENSITY_MAX)
 
 
