@@ -117,7 +117,7 @@ def train_config(spec: EncoderSpec) -> dict:
         "augment_prob_scale": 1.0,
         "_desc_photometric_on_device": "GPU training: run the stain, blur/noise, contrast, colour and noise steps on the training "
                                        "batch on the GPU (cellgap.data.device_augmentation) instead of in the loader workers, "
-                                       "whose CPU time per tile then about halves; cache_mode 'off' only. Leave it off on a "
+                                       "whose CPU time per tile falls by 40–50 %; cache_mode 'off' only. Leave it off on a "
                                        "CPU: there the batch step costs more than the workers' per-sample steps",
         "photometric_on_device": False,
         "batch_photometric": "$cellgap.data.device_augmentation.BatchPhotometricAugmentation(stain_stats=@stain_stats, "

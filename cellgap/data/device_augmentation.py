@@ -5,7 +5,7 @@ flips and elastic warp and the targets; :class:`BatchPhotometricAugmentation` th
 blur/noise, contrast, colour and noise steps to the whole batch where it already is (the GPU in
 training), with a parameter draw per sample and the probabilities, ranges and formulas of the
 per-sample transforms in ``cellgap.data.augmentation`` (tested against them with the same parameters).
-The loader's CPU work per tile then halves (docs/benchmarks.md, "Data pipeline").
+The loader's CPU time per tile falls by 40–50 % (docs/benchmarks.md, "Data pipeline").
 
 Differences from the per-sample pipeline, both small: the stain jitter runs after the turns, flips and
 elastic warp instead of before them (a per-pixel colour map commutes with turns and flips; the warp's
