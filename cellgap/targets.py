@@ -686,8 +686,8 @@ class CISCATargetsd(MapTransform):
 
     Run it after all spatial augmentation and cropping. Reads ``label`` ((1, H, W) instance map,
     float with integral values accepted as LoadImaged gives them) and, if present, ``classes``
-    ((1, H, W) class map). Adds ``contour_target`` (1, H, W) int64, ``distance_target`` (4, H, W)
-    float32, ``weight_mask`` (1, H, W) float32 and ``type_target`` (1, H, W) int64 as torch
+    ((1, H, W) class map). Adds ``contour_target`` (1, H, W) uint8, ``distance_target`` (4, H, W)
+    float32, ``weight_mask`` (1, H, W) float32 and ``type_target`` (1, H, W) uint8 as torch
     tensors (MetaTensors carrying the label's metadata when the label is one). The contour target
     comes from the sample's ``contour_levels`` when :class:`ContourLevelsd` put them there before
     augmenting (the reference's behaviour), otherwise from the augmented label map.
@@ -740,17 +740,18 @@ class CISCATargetsd(MapTransform):
     def _class_map(self, data: Mapping, label: np.ndarray) -> np.ndarray:
         value = data.get(self.class_key)
         if value is None or (value.numel() if isinstance(value, torch.Tensor) else np.size(value)) == 0:
-            return (label > 0).astype(np.int64)
+            return (label > 0).view(np.uint8)
         classes = _channel_map(value, self.class_key)
         if classes.shape != label.shape:
             raise ValueError(
                 f"{self.class_key}: expected the shape of {self.label_key} (1, {label.shape[0]}, {label.shape[1]}), got (1, {classes.shape[0]}, {classes.shape[1]})"
             )
-        if self.num_classes is not None and classes.size and classes.max() > self.num_classes:
-            raise ValueError(
-                f"{self.class_key}: expected class ids in 0..{self.num_classes} (num_classes), found {int(classes.max())}"
-            )
-        return classes.astype(np.int64, copy=False)
+        top = int(classes.max()) if classes.size else 0
+        if self.num_classes is not None and top > self.num_classes:
+            raise ValueError(f"{self.class_key}: expected class ids in 0..{self.num_classes} (num_classes), found {top}")
+        if top > 255:
+            raise ValueError(f"{self.class_key}: expected class ids in 0..255 (the type target is uint8), found {top}")
+        return classes.astype(np.uint8, copy=False)
 
     def _levels(self, data: Mapping, label: np.ndarray) -> np.ndarray:
         """The sample's moved contour-level map (ContourLevelsd) when it has one, else computed here."""
@@ -776,15 +777,16 @@ class CISCATargetsd(MapTransform):
                 d[key] = _like(label[None], source, torch.int32)
             levels = self._levels(d, label)
             classes = self._class_map(d, label)
-            # contour_classes without its table gather (same values), straight to the int64 of the target
+            # contour_classes without its table gather (same values); uint8 like the type target: the
+            # workers pass an eighth of int64's bytes through shared memory and the loss takes .long() on the device
             if self.num_contour_classes == 3:
                 levels = np.minimum(levels, BACKGROUND, out=levels)
             elif self.num_contour_classes == 2:
                 levels = (levels >= BACKGROUND).view(np.uint8)
-            d["contour_target"] = _like(levels.astype(np.int64)[None], source, torch.int64)
+            d["contour_target"] = _like(levels[None], source, torch.uint8)
             d["distance_target"] = _like(distance_maps(label, self.distance_mode, self.profile), source, torch.float32)
             d["weight_mask"] = _like(weight_mask(label, self.weight_radius)[None], source, torch.float32)
-            d["type_target"] = _like(classes[None], source, torch.int64)
+            d["type_target"] = _like(classes[None], source, torch.uint8)
         return d
 
 

@@ -401,10 +401,10 @@ def test_transform_end_to_end_with_relabel_of_a_split_instance():
         "type_target": (1, 32, 32),
     }
     expected_dtypes = {
-        "contour_target": torch.int64,
+        "contour_target": torch.uint8,
         "distance_target": torch.float32,
         "weight_mask": torch.float32,
-        "type_target": torch.int64,
+        "type_target": torch.uint8,
     }
     for key, shape in expected_shapes.items():
         assert isinstance(out[key], torch.Tensor) and tuple(out[key].shape) == shape and out[key].dtype == expected_dtypes[key], (
@@ -431,12 +431,15 @@ def test_transform_single_class_options_and_plain_arrays():
     out = transform({"label": label})
     assert isinstance(out["label"], np.ndarray)  # not relabelled, left as given
     assert type(out["contour_target"]) is torch.Tensor
-    np.testing.assert_array_equal(out["type_target"].numpy(), (label > 0).astype(np.int64))
+    np.testing.assert_array_equal(out["type_target"].numpy(), (label > 0).astype(np.uint8))
+    assert out["type_target"].dtype == out["contour_target"].dtype == torch.uint8
     np.testing.assert_array_equal(out["contour_target"].numpy()[0], contour_classes(contour_levels(label[0], PROFILE_40X), 2))
     np.testing.assert_array_equal(out["weight_mask"].numpy()[0], weight_mask(label[0], 2))
     # An empty class map also means single-class.
     out = transform({"label": label, "classes": torch.zeros(0)})
-    np.testing.assert_array_equal(out["type_target"].numpy(), (label > 0).astype(np.int64))
+    np.testing.assert_array_equal(out["type_target"].numpy(), (label > 0).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"classes: expected class ids in 0\.\.255 \(the type target is uint8\), found 300"):
+        transform({"label": label, "classes": np.full((1, 24, 24), 300, dtype=np.int32)})
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)

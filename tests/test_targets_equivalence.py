@@ -89,7 +89,11 @@ def test_targets_equal_the_golden_outputs(name):
     assert set(outputs) == set(golden) - {"label", "classes", "magnification"}
     for key, value in outputs.items():
         expected = golden[key]
-        assert value.dtype == expected.dtype and value.shape == expected.shape, key
+        if key.endswith(("contour_target", "type_target")):  # int64 in the golden file, uint8 since 2026-11-27: same values
+            assert value.dtype == np.uint8 and expected.dtype == np.int64, key
+        else:
+            assert value.dtype == expected.dtype, key
+        assert value.shape == expected.shape, key
         assert np.array_equal(value, expected), f"{name}/{key}: {np.count_nonzero(value != expected)} pixels differ"
 
 
