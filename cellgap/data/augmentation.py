@@ -625,20 +625,22 @@ _MEDIAN9_EXCHANGES = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4
                       (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))  # median-of-9 network: v[4] ends as the median
 
 
-def median3x3(image: np.ndarray) -> np.ndarray:
-    """3×3 median per channel of a (C, H, W) array with edge replication: what MONAI's
-    ``MedianSmooth(radius=1)`` computes (≈50 ms per 256² RGB image there, via a 9-channel convolution
-    and ``torch.median``), here a 19-exchange median-of-9 network on the nine shifted copies, in place
-    with torch (≈3 ms; numpy's ``out=`` on an input copies it first, ≈7 ms)."""
-    height, width = image.shape[1:]
-    padded = torch.from_numpy(np.pad(image, ((0, 0), (1, 1), (1, 1)), mode="edge"))
-    v = [padded[:, i : i + height, j : j + width].contiguous() for i in range(3) for j in range(3)]
+def median3x3(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """3×3 median per channel of a (..., H, W) array or tensor (any device) with edge replication: what
+    MONAI's ``MedianSmooth(radius=1)`` computes (≈50 ms per 256² RGB image there, via a 9-channel
+    convolution and ``torch.median``), here a 19-exchange median-of-9 network on the nine shifted copies,
+    in place with torch (≈3 ms; numpy's ``out=`` on an input copies it first, ≈7 ms). Returns the input's type."""
+    tensor = torch.as_tensor(image)
+    height, width = tensor.shape[-2:]
+    padded = torch.cat([tensor[..., :1, :], tensor, tensor[..., -1:, :]], dim=-2)  # edge replication, any dtype
+    padded = torch.cat([padded[..., :1], padded, padded[..., -1:]], dim=-1)
+    v = [padded[..., i : i + height, j : j + width].contiguous() for i in range(3) for j in range(3)]
     low = torch.empty_like(v[0])
     for a, b in _MEDIAN9_EXCHANGES:
         torch.minimum(v[a], v[b], out=low)
         torch.maximum(v[a], v[b], out=v[b])
         v[a], low = low, v[a]
-    return v[4].numpy()
+    return v[4].numpy() if isinstance(image, np.ndarray) else v[4]
 
 
 class MedianSmooth3x3d(MapTransform):

@@ -27,11 +27,11 @@ from monai.networks.layers.convutils import gaussian_1d
 
 from .augmentation import (
     _LAB_DELTA,
-    _MEDIAN9_EXCHANGES,
     _RGB_TO_XYZN,
     _XYZN_TO_RGB,
     INTENSITY_MAX,
     StainStatistics,
+    median3x3,
     stain_statistics,
 )
 
@@ -103,16 +103,6 @@ def gaussian_filter(images: torch.Tensor, sigma_rows: torch.Tensor, sigma_cols: 
     out = F.conv2d(images.reshape(1, n * c, h, w), rows[:, None, :, None], padding=(rows.shape[1] // 2, 0), groups=n * c)
     out = F.conv2d(out, cols[:, None, None, :], padding=(0, cols.shape[1] // 2), groups=n * c)
     return out.reshape(n, c, h, w)
-
-
-def median3x3(images: torch.Tensor) -> torch.Tensor:
-    """3×3 median per channel with edge replication (``cellgap.data.augmentation.median3x3``)."""
-    h, w = images.shape[-2:]
-    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
-    v = [padded[..., i : i + h, j : j + w] for i in range(3) for j in range(3)]
-    for a, b in _MEDIAN9_EXCHANGES:
-        v[a], v[b] = torch.minimum(v[a], v[b]), torch.maximum(v[a], v[b])
-    return v[4]
 
 
 class BatchPhotometricAugmentation:
@@ -229,4 +219,4 @@ class BatchPhotometricAugmentation:
         return x.clamp_(0, INTENSITY_MAX)
 
 
-__all__ = ["BatchPhotometricAugmentation", "gaussian_filter", "median3x3", "shift_hsv", "stain_transfer"]
+__all__ = ["BatchPhotometricAugmentation", "gaussian_filter", "shift_hsv", "stain_transfer"]
