@@ -785,6 +785,23 @@ class ClipIntensityd(MapTransform):
 # The pipeline of METHOD.md §7
 
 
+# The photometric steps of §7 (probabilities, OneOf member weights, ranges), read by cisca_augmentations and
+# by its batch version, cellgap.data.device_augmentation.BatchPhotometricAugmentation.
+STAIN_PROB = 0.7
+BLUR_NOISE_PROB, BLUR_NOISE_WEIGHTS = 0.15, (0.3, 0.15, 0.2, 0.2)  # Gaussian blur, 3×3 median, Gaussian noise, sharpen
+BLUR_SIGMA = (0.5, 1.5)  # per axis
+BLUR_NOISE_STD = float(np.sqrt(20.0))  # the noise's std is drawn in [0, this]
+# Unsharp mask img + α(img − blur): the reference's Sharpen α 0.05–0.1 on a 3×3 Laplacian-type kernel
+# amounts to α·9 ≈ 0.45–0.9 against a 3×3 mean (≈ Gaussian σ 0.8).
+SHARPEN_SIGMA1, SHARPEN_SIGMA2, SHARPEN_ALPHA = (0.1, 0.2), (0.7, 0.9), (0.45, 0.9)
+CONTRAST_PROB, CONTRAST_WEIGHTS = 0.7, (0.5, 0.5, 0.2)  # gamma, contrast about the mean, brightness scale
+GAMMA, MEAN_CONTRAST, BRIGHTNESS_SCALE = (0.7, 1.4), 0.15, 0.2  # the last two: factors in ± this
+COLOUR_PROB, COLOUR_WEIGHTS = 0.65, (1.0, 1.0)  # HSV shift, hue shift + brightness shift
+HSV_SHIFTS = (10.0, 30 / 255, 20.0)  # ± hue (degrees), saturation (fraction), value (image units)
+HUE_SHIFT, BRIGHTNESS_SHIFT = 36.0, 0.1 * INTENSITY_MAX  # ± each
+NOISE_PROB, NOISE_STD = 0.15, 0.03 * INTENSITY_MAX  # the noise's std is drawn in [0, NOISE_STD]
+
+
 def _one_of(transforms: list, weights: Sequence[float], prob: float, keys) -> OneOf:
     """The reference's ``OneOf(p)``: fire with probability ``prob``, then pick one member ∝ ``weights``
     (MONAI's OneOf always fires, so an identity member takes the remaining probability)."""
@@ -846,7 +863,7 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     if crop_size is not None:
         out.append(RandSquareCropd(spatial, roi_size=int(crop_size), random_size=False, allow_missing_keys=True))
     if stain_stats is not None and photometric:
-        out.append(RandLABStainJitterd(image_key, stats=stain_stats, prob=p(0.7)))
+        out.append(RandLABStainJitterd(image_key, stats=stain_stats, prob=p(STAIN_PROB)))
     out.append(RandDihedrald(spatial, rotate_prob=p(0.9), flip_prob=p(0.9), allow_missing_keys=True))  # rot90 0.9, flip 0.9
     out.append(RandCoarseElasticd(spatial, mode=("bilinear",) + ("nearest",) * (len(spatial) - 1), prob=p(0.7),
                                   allow_missing_keys=True))
@@ -854,30 +871,28 @@ def cisca_augmentations(image_key: str = "image", label_keys: KeysCollection = (
     if not photometric:
         return out
     blur_noise = [
-        RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), prob=1.0),
+        RandGaussianSmoothd(image_key, sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, prob=1.0),
         MedianSmooth3x3d(image_key),
-        RandGaussianNoise32d(image_key, mean=0.0, std=float(np.sqrt(20.0)), prob=1.0),
-        # Unsharp mask img + α(img − blur): the reference's Sharpen α 0.05–0.1 on a 3×3 Laplacian-type
-        # kernel amounts to α·9 ≈ 0.45–0.9 against a 3×3 mean (≈ Gaussian σ 0.8).
-        RandGaussianSharpend(image_key, sigma1_x=(0.1, 0.2), sigma1_y=(0.1, 0.2), sigma2_x=(0.7, 0.9),
-                             sigma2_y=(0.7, 0.9), alpha=(0.45, 0.9), prob=1.0),
+        RandGaussianNoise32d(image_key, mean=0.0, std=BLUR_NOISE_STD, prob=1.0),
+        RandGaussianSharpend(image_key, sigma1_x=SHARPEN_SIGMA1, sigma1_y=SHARPEN_SIGMA1, sigma2_x=SHARPEN_SIGMA2,
+                             sigma2_y=SHARPEN_SIGMA2, alpha=SHARPEN_ALPHA, prob=1.0),
     ]
-    out.append(_one_of(blur_noise, [0.3, 0.15, 0.2, 0.2], p(0.15), image_key))
+    out.append(_one_of(blur_noise, BLUR_NOISE_WEIGHTS, p(BLUR_NOISE_PROB), image_key))
     contrast = [
-        RandGammaContrastd(image_key, gamma=(0.7, 1.4), prob=1.0),
-        RandScaleIntensityFixedMeand(image_key, factors=0.15, fixed_mean=True, prob=1.0),
-        RandScaleIntensityd(image_key, factors=0.2, prob=1.0),
+        RandGammaContrastd(image_key, gamma=GAMMA, prob=1.0),
+        RandScaleIntensityFixedMeand(image_key, factors=MEAN_CONTRAST, fixed_mean=True, prob=1.0),
+        RandScaleIntensityd(image_key, factors=BRIGHTNESS_SCALE, prob=1.0),
     ]
-    out.append(_one_of(contrast, [0.5, 0.5, 0.2], p(0.7), image_key))
+    out.append(_one_of(contrast, CONTRAST_WEIGHTS, p(CONTRAST_PROB), image_key))
     colour = [
-        RandHSVShiftd(image_key, hue_shift=10.0, saturation_shift=30 / 255, value_shift=20.0),
+        RandHSVShiftd(image_key, *HSV_SHIFTS),
         Compose([
-            RandHSVShiftd(image_key, hue_shift=36.0, saturation_shift=0.0, value_shift=0.0),
-            RandShiftIntensityd(image_key, offsets=0.1 * INTENSITY_MAX, prob=1.0),
+            RandHSVShiftd(image_key, hue_shift=HUE_SHIFT, saturation_shift=0.0, value_shift=0.0),
+            RandShiftIntensityd(image_key, offsets=BRIGHTNESS_SHIFT, prob=1.0),
         ]),
     ]
-    out.append(_one_of(colour, [1, 1], p(0.65), image_key))
-    out.append(RandGaussianNoise32d(image_key, mean=0.0, std=0.03 * INTENSITY_MAX, prob=p(0.15)))
+    out.append(_one_of(colour, COLOUR_WEIGHTS, p(COLOUR_PROB), image_key))
+    out.append(RandGaussianNoise32d(image_key, mean=0.0, std=NOISE_STD, prob=p(NOISE_PROB)))
     out.append(ClipIntensityd(image_key, 0.0, INTENSITY_MAX))
     return out
 

@@ -18,7 +18,7 @@ cost a kernel launch per operation and sample in the training process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,27 @@ from .augmentation import (
     _LAB_DELTA,
     _RGB_TO_XYZN,
     _XYZN_TO_RGB,
+    BLUR_NOISE_PROB,
+    BLUR_NOISE_STD,
+    BLUR_NOISE_WEIGHTS,
+    BLUR_SIGMA,
+    BRIGHTNESS_SCALE,
+    BRIGHTNESS_SHIFT,
+    COLOUR_PROB,
+    COLOUR_WEIGHTS,
+    CONTRAST_PROB,
+    CONTRAST_WEIGHTS,
+    GAMMA,
+    HSV_SHIFTS,
+    HUE_SHIFT,
     INTENSITY_MAX,
+    MEAN_CONTRAST,
+    NOISE_PROB,
+    NOISE_STD,
+    SHARPEN_ALPHA,
+    SHARPEN_SIGMA1,
+    SHARPEN_SIGMA2,
+    STAIN_PROB,
     StainStatistics,
     median3x3,
     stain_statistics,
@@ -139,7 +159,7 @@ class BatchPhotometricAugmentation:
         seed = int(torch.randint(2**62, (1,), generator=self.generator))
         return torch.randn(like.shape, generator=torch.Generator(device=like.device).manual_seed(seed), device=like.device)
 
-    def _one_of(self, name: str, n: int, weights: list[float], prob: float) -> torch.Tensor:
+    def _one_of(self, name: str, n: int, weights: Sequence[float], prob: float) -> torch.Tensor:
         """The reference's OneOf(p): per sample, -1 with probability 1 − p, else a member ∝ weights."""
         fires = torch.rand(n, generator=self.generator) < prob
         member = torch.multinomial(torch.tensor(weights, dtype=torch.float64), n, replacement=True, generator=self.generator)
@@ -168,14 +188,14 @@ class BatchPhotometricAugmentation:
                                 generator=self.generator)
             std = torch.normal(torch.tensor(s.std_mu).expand(n, 3), torch.tensor(s.std_sigma).expand(n, 3) * self.sigma_scale,
                                generator=self.generator).clamp_min(self.min_std)
-            stain = self._one_of("stain", n, [1.0], self._p(0.7))
+            stain = self._one_of("stain", n, [1.0], self._p(STAIN_PROB))
             apply(stain, 0, lambda batch, rows: stain_transfer(batch, on(mean[rows]), on(std[rows])))
 
-        sigma = [self._uniform(n, 0.5, 1.5) for _ in range(2)]
-        noise_std = self._uniform(n, 0.0, float(np.sqrt(20.0)))
-        sharp = [self._uniform(n, 0.1, 0.2) for _ in range(2)] + [self._uniform(n, 0.7, 0.9) for _ in range(2)]
-        alpha = self._uniform(n, 0.45, 0.9)
-        blur = self._one_of("blur_noise", n, [0.3, 0.15, 0.2, 0.2], self._p(0.15))
+        sigma = [self._uniform(n, *BLUR_SIGMA) for _ in range(2)]
+        noise_std = self._uniform(n, 0.0, BLUR_NOISE_STD)
+        sharp = [self._uniform(n, *SHARPEN_SIGMA1) for _ in range(2)] + [self._uniform(n, *SHARPEN_SIGMA2) for _ in range(2)]
+        alpha = self._uniform(n, *SHARPEN_ALPHA)
+        blur = self._one_of("blur_noise", n, BLUR_NOISE_WEIGHTS, self._p(BLUR_NOISE_PROB))
         apply(blur, 0, lambda batch, rows: gaussian_filter(batch, sigma[0][rows], sigma[1][rows]))
         apply(blur, 1, lambda batch, rows: median3x3(batch))
         apply(blur, 2, lambda batch, rows: batch + self._noise(batch) * on(noise_std[rows])[:, None, None, None])
@@ -186,10 +206,10 @@ class BatchPhotometricAugmentation:
 
         apply(blur, 3, sharpen)
 
-        gamma = self._uniform(n, 0.7, 1.4)
-        mean_factor = self._uniform(n, -0.15, 0.15)
-        scale_factor = self._uniform(n, -0.2, 0.2)
-        contrast = self._one_of("contrast", n, [0.5, 0.5, 0.2], self._p(0.7))
+        gamma = self._uniform(n, *GAMMA)
+        mean_factor = self._uniform(n, -MEAN_CONTRAST, MEAN_CONTRAST)
+        scale_factor = self._uniform(n, -BRIGHTNESS_SCALE, BRIGHTNESS_SCALE)
+        contrast = self._one_of("contrast", n, CONTRAST_WEIGHTS, self._p(CONTRAST_PROB))
 
         def gamma_contrast(batch, rows):
             low = batch.amin(dim=(1, 2, 3), keepdim=True)
@@ -204,17 +224,17 @@ class BatchPhotometricAugmentation:
         apply(contrast, 1, about_mean)
         apply(contrast, 2, lambda batch, rows: batch * (1 + on(scale_factor[rows]))[:, None, None, None])
 
-        hsv = [self._uniform(n, -10.0, 10.0), self._uniform(n, -30 / 255, 30 / 255), self._uniform(n, -20.0, 20.0)]
-        hue = self._uniform(n, -36.0, 36.0)
-        offset = self._uniform(n, -0.1 * INTENSITY_MAX, 0.1 * INTENSITY_MAX)
-        colour = self._one_of("colour", n, [1.0, 1.0], self._p(0.65))
+        hsv = [self._uniform(n, -limit, limit) for limit in HSV_SHIFTS]
+        hue = self._uniform(n, -HUE_SHIFT, HUE_SHIFT)
+        offset = self._uniform(n, -BRIGHTNESS_SHIFT, BRIGHTNESS_SHIFT)
+        colour = self._one_of("colour", n, COLOUR_WEIGHTS, self._p(COLOUR_PROB))
         apply(colour, 0, lambda batch, rows: shift_hsv(batch, *(on(v[rows]) for v in hsv)))
         zero = torch.zeros(n, dtype=torch.float64)
         apply(colour, 1, lambda batch, rows: shift_hsv(batch, on(hue[rows]), on(zero[rows]), on(zero[rows]))
               + on(offset[rows])[:, None, None, None])
 
-        final_std = self._uniform(n, 0.0, 0.03 * INTENSITY_MAX)
-        noise = self._one_of("noise", n, [1.0], self._p(0.15))
+        final_std = self._uniform(n, 0.0, NOISE_STD)
+        noise = self._one_of("noise", n, [1.0], self._p(NOISE_PROB))
         apply(noise, 0, lambda batch, rows: batch + self._noise(batch) * on(final_std[rows])[:, None, None, None])
         return x.clamp_(0, INTENSITY_MAX)
 
