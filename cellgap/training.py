@@ -12,6 +12,8 @@ from ignite.engine import Engine
 from monai.engines import PrepareBatch
 from monai.engines.utils import IterationEvents
 
+from .data.augmentation import INTENSITY_MAX
+
 TARGET_KEYS = ("contour_target", "distance_target", "weight_mask", "type_target")
 
 
@@ -36,7 +38,7 @@ class PrepareCISCABatch(PrepareBatch):
             raise KeyError(f"batch has no 'image'; keys: {sorted(batchdata)}")
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
         if self.photometric is not None:
-            image = self.photometric(image) / 255.0
+            image = self.photometric(image) / INTENSITY_MAX
         targets = {k: batchdata[k].to(device=device, non_blocking=non_blocking) for k in TARGET_KEYS if k in batchdata}
         if targets:
             return image, targets
