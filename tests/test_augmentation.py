@@ -29,6 +29,7 @@ from cellgap.data.augmentation import (
     MedianSmooth3x3d,
     RandCoarseElasticd,
     RandDihedrald,
+    RandDihedralElasticd,
     RandGammaContrastd,
     RandGaussianNoise32d,
     RandHSVShiftd,
@@ -129,11 +130,9 @@ def test_uint8_image_as_loaded_augments_like_its_float32_copy():
 
 
 def geometric_pipeline(crop_size: int | None, elastic: bool) -> Compose:
-    steps = [t for t in cisca_augmentations(crop_size=crop_size, stain_stats=None)
-             if isinstance(t, (CheckTiled, RandSpatialCropd, RandDihedrald))]
-    if elastic:
-        steps.append(RandCoarseElasticd(("image", "label", "classes"), prob=1.0))
-    return Compose(steps)
+    steps = [t for t in cisca_augmentations(crop_size=crop_size, stain_stats=None) if isinstance(t, (CheckTiled, RandSpatialCropd))]
+    moves = RandDihedralElasticd(("image", "label", "classes"), elastic_prob=1.0)
+    return Compose([*steps, moves if elastic else moves.dihedral])
 
 
 def test_rotations_flips_and_crops_move_image_and_labels_identically():
@@ -188,7 +187,7 @@ def dihedral_moves(array: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
 
 
 def test_dihedral_reaches_all_8_elements_with_the_method_frequencies():
-    dihedral = next(t for t in cisca_augmentations() if isinstance(t, RandDihedrald))
+    dihedral = next(t for t in cisca_augmentations() if isinstance(t, RandDihedralElasticd)).dihedral
     dihedral.set_random_state(11)
     sample = coordinate_sample(8)
     moves = dihedral_moves(sample["label"])
@@ -243,6 +242,52 @@ def test_dihedral_probabilities_zero_and_one():
     assert flips == {1, 2, 3}
     with pytest.raises(ValueError, match="rotate_prob"):
         RandDihedrald(rotate_prob=1.5)
+
+
+def test_dihedral_source_positions_invert_every_element():
+    label = coordinate_sample(12)["label"][:, :, :9]  # not square
+    dihedral = RandDihedrald("label")
+    for k in range(4):
+        for f in range(4):
+            dihedral.quarter_turns, dihedral.flip = k, f
+            moved = dihedral.apply(label)
+            rows, cols = np.mgrid[: moved.shape[1], : moved.shape[2]].astype(np.float32)
+            y, x = dihedral.source_positions(rows, cols, *label.shape[1:])
+            np.testing.assert_array_equal(label[0][y.astype(int), x.astype(int)], moved[0])
+
+
+def test_folded_turn_flip_and_warp_equal_the_two_steps_in_turn():
+    rng = np.random.default_rng(4)
+    sample = {"image": rng.uniform(0, 255, (3, 40, 56)).astype(np.float32),
+              "label": rng.integers(0, 1000, (1, 40, 56)).astype(np.int32)}  # not square: turns swap the sides
+    moves = RandDihedralElasticd(("image", "label"), mode=("bilinear", "nearest"), elastic_prob=1.0).set_random_state(3)
+    seen = set()
+    for _ in range(40):
+        moves.randomize()
+        seen.add((moves.dihedral.quarter_turns, moves.dihedral.flip))
+        folded = moves.elastic.warp(sample, moves.dihedral)
+        in_turn = moves.elastic.warp(moves.dihedral.move(sample))
+        np.testing.assert_allclose(as_numpy(folded["image"]), as_numpy(in_turn["image"]), atol=1e-2)  # float32 grid rounding
+        np.testing.assert_array_equal(as_numpy(folded["label"]), as_numpy(in_turn["label"]))
+    assert len(seen) > 8
+
+
+def test_turn_flip_and_warp_draw_from_one_state_with_the_method_probabilities():
+    moves = RandDihedralElasticd(("image", "label"), mode=("bilinear", "nearest"))
+    sample = blob_sample(2, size=32)
+    outputs = []
+    for _ in range(2):
+        moves.set_random_state(9)
+        outputs.append([moves({"image": sample["image"], "label": sample["label"]}) for _ in range(3)])
+    for first, second in zip(*outputs):
+        np.testing.assert_array_equal(as_numpy(first["image"]), as_numpy(second["image"]))
+    warps = 0
+    for _ in range(2000):
+        moves.randomize()
+        warps += moves.elastic._do_transform
+    assert abs(warps / 2000 - 0.7) < 0.04
+    quiet = RandDihedralElasticd(("image", "label"), ("bilinear", "nearest"), rotate_prob=0.0, flip_prob=0.0, elastic_prob=0.0)
+    assert quiet(dict(sample))["label"] is sample["label"]
 
 
 def test_elastic_labels_are_gathered_exactly_as_nearest_grid_sampling():
