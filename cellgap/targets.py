@@ -610,7 +610,7 @@ def weight_mask(label: np.ndarray, radius: int = 6) -> np.ndarray:
     offsets = np.arange(-radius, radius + 1)
     disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
     near = _dilate(foreground, disk)
-    return np.where(near, np.float32(1.0), np.float32(BACKGROUND_WEIGHT)).astype(np.float32)
+    return np.where(near, np.float32(1.0), np.float32(BACKGROUND_WEIGHT))  # float32 already: no copy
 
 
 def class_map_from_instances(label: np.ndarray, classes_by_id: Mapping[int, int]) -> np.ndarray:
