@@ -197,6 +197,7 @@ def _mix(matrix: np.ndarray, channels: np.ndarray) -> np.ndarray:
 # OpenCV 8-bit LAB is affine in the opponent f-values g = (f(Y), f(X) − f(Y), f(Y) − f(Z)): lab = g·K + C.
 _LAB8_SCALE = np.array([116 * 2.55, 500.0, 200.0], dtype=np.float32)
 _LAB8_OFFSET = np.array([-16 * 2.55, 128.0, 128.0], dtype=np.float32)
+_OPPONENT_LOW, _OPPONENT_HIGH = -_LAB8_OFFSET / _LAB8_SCALE, (np.float32(255) - _LAB8_OFFSET) / _LAB8_SCALE  # LAB's 0..255
 _RGB_TO_YXZN, _YXZN_TO_RGB = _RGB_TO_XYZN[[1, 0, 2]], _XYZN_TO_RGB[:, [1, 0, 2]]  # XYZ in the order Y, X, Z
 
 
@@ -404,11 +405,10 @@ class RandLABStainJitterd(RandomizableTransform, MapTransform):
         # A flat channel (std 0) keeps its flatness and only moves to the target mean.
         scale = np.where(std > 1e-6, self.target_std / np.maximum(std, 1e-6), 0.0).astype(np.float32)
         offset = ((self.target_mean - mean * scale + _LAB8_OFFSET * (scale - 1)) / _LAB8_SCALE).astype(np.float32)
-        low, high = -_LAB8_OFFSET / _LAB8_SCALE, (np.float32(255) - _LAB8_OFFSET) / _LAB8_SCALE  # LAB's 0..255
         for channel in range(3):
             g[channel] *= scale[channel]
             g[channel] += offset[channel]
-            np.clip(g[channel], low[channel], high[channel], out=g[channel])
+            np.clip(g[channel], _OPPONENT_LOW[channel], _OPPONENT_HIGH[channel], out=g[channel])
         return _opponent_to_rgb(g).reshape(image.shape)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:

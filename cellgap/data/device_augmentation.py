@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from monai.networks.layers.convutils import gaussian_1d
 
 from .augmentation import (
+    _LAB8_OFFSET,
+    _LAB8_SCALE,
     _LAB_DELTA,
     _RGB_TO_XYZN,
     _XYZN_TO_RGB,
@@ -56,19 +58,26 @@ from .augmentation import (
 )
 
 
+def _lab8_constants(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, 3, 1, 1) scale and offset of OpenCV 8-bit LAB over the opponent f-values (rgb_to_lab8's)."""
+    return tuple(torch.as_tensor(c, dtype=like.dtype, device=like.device)[None, :, None, None] for c in (_LAB8_SCALE, _LAB8_OFFSET))
+
+
 def _srgb_to_lab8(rgb: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB in 0..255 → CIELAB in OpenCV 8-bit units, read at 8-bit precision like rgb_to_lab8."""
     c = torch.round(rgb.clamp(0, INTENSITY_MAX)) / INTENSITY_MAX
     linear = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
     xyz = torch.einsum("ij,njhw->nihw", torch.as_tensor(_RGB_TO_XYZN, dtype=rgb.dtype, device=rgb.device), linear)
     f = torch.where(xyz > _LAB_DELTA**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * _LAB_DELTA**2) + 4 / 29)
-    return torch.stack([f[:, 1] * (116 * 2.55) - 16 * 2.55, (f[:, 0] - f[:, 1]) * 500 + 128,
-                        (f[:, 1] - f[:, 2]) * 200 + 128], dim=1)
+    scale, offset = _lab8_constants(rgb)
+    return torch.stack([f[:, 1], f[:, 0] - f[:, 1], f[:, 1] - f[:, 2]], dim=1) * scale + offset
 
 
 def _lab8_to_srgb(lab: torch.Tensor) -> torch.Tensor:
-    fy = (lab[:, 0] + 16 * 2.55) / (116 * 2.55)
-    f = torch.stack([fy + (lab[:, 1] - 128) / 500, fy, fy - (lab[:, 2] - 128) / 200], dim=1)
+    """Inverse of :func:`_srgb_to_lab8`: RGB in 0..255, out-of-gamut colours clipped."""
+    scale, offset = _lab8_constants(lab)
+    g = (lab - offset) / scale  # f(Y), f(X) − f(Y), f(Y) − f(Z)
+    f = torch.stack([g[:, 1] + g[:, 0], g[:, 0], g[:, 0] - g[:, 2]], dim=1)
     xyz = torch.where(f > _LAB_DELTA, f * f * f, (f - 4 / 29) * (3 * _LAB_DELTA**2))
     linear = torch.einsum("ij,njhw->nihw", torch.as_tensor(_XYZN_TO_RGB, dtype=lab.dtype, device=lab.device), xyz)
     linear = linear.clamp(0, 1)
