@@ -172,8 +172,8 @@ def main() -> None:
                     rows.append(report(f"{name}, {meta}: **loader share, photometric steps on the device** "
                                        "(load packed+spatial steps+targets)", *timed(loader_share, items, args.repeats)))
                     if name.startswith("256"):
-                        batch = torch.stack([Compose(spatial).set_random_state(args.seed)(s)["image"] for s in loaded])
-                        batches.append(batch)
+                        spatial_steps = Compose(spatial).set_random_state(args.seed)
+                        batches.append(torch.stack([spatial_steps(s)["image"] for s in loaded]))
         print("\n".join(rows))
         for batch in batches:
             print("\n" + batch_photometric_report(batch, args.stain, args.repeats))
