@@ -30,6 +30,8 @@ Per encoder:
   (100 % = the pipeline costs nothing).  "data wait" is the share of the wall time the training loop
   spent waiting for the next batch (the trainer synchronises with the GPU every step, in GradScaler.step,
   so a wait of the loop is idle time of the GPU).
+  With ``--photometric-on-device`` the bundle's ``photometric_on_device`` is on: the workers run only the
+  spatial steps and the targets, and the photometric steps run on the batch inside the step (both phases).
 - For ``vit_l16_21k``, a row "from embedding cache": the decoder-only step the bundle runs with
   ``cache_mode`` clean/views (``PrepareCachedCISCABatch``: ``network(image, features=...)``), fed with
   float16 encoder maps of the batch kept on the device (compute only).
@@ -110,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN autotuner on, determinism off (NOT the bundle's setting, which is set_determinism's: "
                         "deterministic, no autotuner); to measure what determinism costs")
+    p.add_argument("--photometric-on-device", action="store_true",
+                   help="the bundle's photometric_on_device: stain, blur/noise, contrast and colour steps on the batch on "
+                        "the device (in the step's time) instead of in the loader workers")
     p.add_argument("--no-cache-row", action="store_true", help="skip the ViT-L 'from embedding cache' row")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the square matmul that measures the peak "
                    "rate (default: 8192 on CUDA, 1024 on CPU)")
@@ -188,6 +193,7 @@ def bundle_parser(key: str, args: argparse.Namespace, device: torch.device, work
         "encoder_weights": "none",
         "allow_random_encoder": True,
         "reduced_encoder": bool(args.reduced),
+        "photometric_on_device": bool(args.photometric_on_device),
         "tile_size": args.tile,
         "dataset_dir": str(workdir / "synthetic"),
         "synthetic": {"n_train": args.tiles, "n_val": 0, "n_test": 0, "seed": 0, "magnification": 40, "size": args.tile,
@@ -484,7 +490,8 @@ def table(record: dict) -> str:
              f"{'; REDUCED encoders (smoke test)' if record['settings']['reduced'] else ''}"
              f"{'; decoder NOT the bundle one: ' + json.dumps(record['settings']['decoder_override']) if record['settings']['decoder_override'] else ''}; "
              f"tile {record['settings']['tile']}², C = {NUM_CLASSES}; {record['settings']['steps']} timed steps after "
-             f"{record['settings']['warmup']}; {env['workers']} loader workers; cuDNN deterministic "
+             f"{record['settings']['warmup']}; {env['workers']} loader workers; photometric steps "
+             f"{'on the device' if record['settings'].get('photometric_on_device') else 'in the loader workers'}; cuDNN deterministic "
              f"{record['settings'].get('cudnn_deterministic')}, autotuner {record['settings'].get('cudnn_benchmark')}",
              "",
              "| encoder | batch | train-step GFLOP/tile | tiles/s compute-only | MFU % | tiles/s with data | GPU busy % "
@@ -537,7 +544,8 @@ def main(argv=None) -> dict:
               "matmul": rate, "rows": [], "skipped": [], "complete": False,
               "settings": {"encoders": encoders, "batch_size": batch_size, "steps": args.steps, "warmup": args.warmup,
                            "data_steps": data_steps, "data_warmup": data_warmup, "tile": args.tile, "tiles_on_disk": args.tiles,
-                           "num_classes": NUM_CLASSES, "reduced": bool(args.reduced), "decoder_override": args.decoder, "random_encoder_weights": True,
+                           "num_classes": NUM_CLASSES, "reduced": bool(args.reduced), "decoder_override": args.decoder,
+                           "photometric_on_device": bool(args.photometric_on_device), "random_encoder_weights": True,
                            "time_budget_s": args.time_budget,
                            "bundle_defaults": {k: train_config(get_encoder_spec(encoders[0]))[k]
                                                for k in ("batch_size", "num_workers", "learning_rate", "grad_clip_norm")}}}

@@ -16,20 +16,22 @@
 #
 # 2. The call, with the device tool:
 #
-#        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=480)
+#        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=540)
 #
-#    The data-pipeline benchmark runs first (at most 2 minutes: CPU figures of this machine, and the batch
-#    photometric step on the GPU). The training benchmark then stops starting encoders after BUDGET seconds
-#    (default 240; most important encoders first), is interrupted at BUDGET + 90 s at the latest and still
-#    prints its table, so the call ends in about 7 minutes and leaves device time for a second try.  Arguments after the script name go to
-#    benchmark_training.py (e.g. `bash scripts/device_benchmark.sh --encoders vit_l16_21k,uni`).
+#    In order: the CUDA-only tests (at most 1 minute); the data-pipeline benchmark (at most 2 minutes: CPU
+#    figures of this machine, and the batch photometric step on the GPU); the training benchmark, which stops
+#    starting encoders after BUDGET seconds (default 170; most important encoders first) and is interrupted at
+#    BUDGET + 60 s at the latest, still printing its table; then ViT-L once more with the bundle's
+#    photometric_on_device (at most 100 s).  The call ends in about 8 minutes.  Arguments after the script
+#    name go to the main benchmark_training.py run (e.g. `bash scripts/device_benchmark.sh --encoders vit_l16_21k,uni`).
 #
-# What comes back under $OUT: benchmark_training.json (full record), benchmark_training.log (everything
-# printed, tracebacks included), benchmark_data_pipeline.log and nvidia-smi.txt.  The Markdown table is the last thing printed.
+# What comes back under $OUT: nvidia-smi.txt, pytest_cuda.log, benchmark_data_pipeline.log,
+# benchmark_training.json (full record) and .log (everything printed, tracebacks included), and the same two
+# for the photometric_on_device run (benchmark_training_photometric_on_device.*).  The Markdown table is the last thing printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
-BUDGET=${BUDGET:-240}
+BUDGET=${BUDGET:-170}
 mkdir -p "$OUT"
 
 if ! ls .whl/*.whl >/dev/null 2>&1; then
@@ -46,13 +48,24 @@ python3 -c "import torch, timm, monai, ignite, nibabel, cellgap.bundle, cellgap.
 print('python3', __import__('sys').version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, \
 'monai', monai.__version__, 'ignite', ignite.__version__, 'cuda available', torch.cuda.is_available())" || exit 4
 
+# The tests that need a CUDA device (skipped on the CPU machines that run CI).
+timeout --kill-after=10 60 python3 -m pytest -q tests/test_metrics_inputs.py tests/test_postprocessing.py -k cuda -rs \
+    2>&1 | tee "$OUT/pytest_cuda.log"
+
 # The data pipeline on this machine's CPU and the batch photometric step on its GPU (about a minute).
-timeout --kill-after=10 120 python3 scripts/benchmark_data_pipeline.py --tiles 16 --repeats 1 \
+timeout --kill-after=10 120 python3 scripts/benchmark_data_pipeline.py --tiles 24 --repeats 1 \
     2>&1 | grep -v "packing" | tee "$OUT/benchmark_data_pipeline.log"
 
-timeout --signal=INT --kill-after=30 $((BUDGET + 90)) \
+timeout --signal=INT --kill-after=30 $((BUDGET + 60)) \
     python3 scripts/benchmark_training.py --device cuda --time-budget "$BUDGET" --out "$OUT/benchmark_training.json" "$@" \
     2>&1 | tee "$OUT/benchmark_training.log"
 rc=${PIPESTATUS[0]}
 echo "benchmark_training.py exit status $rc"
+
+# ViT-L with the photometric steps on the GPU: what the loader workers are spared, and what the step pays.
+timeout --signal=INT --kill-after=20 100 \
+    python3 scripts/benchmark_training.py --device cuda --encoders vit_l16_21k --no-cache-row --photometric-on-device \
+    --out "$OUT/benchmark_training_photometric_on_device.json" \
+    2>&1 | tee "$OUT/benchmark_training_photometric_on_device.log"
+echo "benchmark_training.py --photometric-on-device exit status ${PIPESTATUS[0]}"
 exit "$rc"
