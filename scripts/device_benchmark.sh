@@ -16,7 +16,7 @@
 #
 # 2. The call, with the device tool:
 #
-#        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=540)
+#        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=570)
 #
 #    In order: the CUDA-only tests (at most 1 minute); the data-pipeline benchmark (at most 2 minutes: CPU
 #    figures of this machine, and the batch photometric step on the GPU); the training benchmark, which stops
