@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "deterministic, no autotuner); to measure what determinism costs")
     p.add_argument("--photometric-on-device", action="store_true",
                    help="the bundle's photometric_on_device: stain, blur/noise, contrast and colour steps on the batch on "
-                        "the device (in the step's time) instead of in the loader workers")
+                        "the device (in the step's time) instead of in the loader workers; no embedding-cache row")
     p.add_argument("--no-cache-row", action="store_true", help="skip the ViT-L 'from embedding cache' row")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the square matmul that measures the peak "
                    "rate (default: 8192 on CUDA, 1024 on CPU)")
@@ -399,7 +399,8 @@ def bench_encoder(key: str, args, device: torch.device, workdir: Path, cpu_batch
             row["with_data"] = {"error": failure(key + " with data", e)}
             free_device_memory()
 
-    if key == CACHE_ROW_ENCODER and not args.no_cache_row:
+    # no cache row with the photometric steps on the device: the bundle refuses that pair (cache_mode must be off)
+    if key == CACHE_ROW_ENCODER and not args.no_cache_row and not args.photometric_on_device:
         try:
             rows.append(cache_row(parts, batch, args, clock, rate))
         except Exception as e:

@@ -64,7 +64,7 @@ echo "benchmark_training.py exit status $rc"
 
 # ViT-L with the photometric steps on the GPU: what the loader workers are spared, and what the step pays.
 timeout --signal=INT --kill-after=20 100 \
-    python3 scripts/benchmark_training.py --device cuda --encoders vit_l16_21k --no-cache-row --photometric-on-device \
+    python3 scripts/benchmark_training.py --device cuda --encoders vit_l16_21k --photometric-on-device \
     --out "$OUT/benchmark_training_photometric_on_device.json" \
     2>&1 | tee "$OUT/benchmark_training_photometric_on_device.log"
 echo "benchmark_training.py --photometric-on-device exit status ${PIPESTATUS[0]}"
