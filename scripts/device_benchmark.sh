@@ -53,7 +53,7 @@ timeout --kill-after=10 60 python3 -m pytest -q tests/test_metrics_inputs.py tes
     2>&1 | tee "$OUT/pytest_cuda.log"
 
 # The data pipeline on this machine's CPU and the batch photometric step on its GPU (about a minute).
-timeout --kill-after=10 120 python3 scripts/benchmark_data_pipeline.py --tiles 24 --repeats 1 \
+timeout --kill-after=10 120 python3 scripts/benchmark_data_pipeline.py --tiles 24 --repeats 3 \
     2>&1 | grep -v "packing" | tee "$OUT/benchmark_data_pipeline.log"
 
 timeout --signal=INT --kill-after=30 $((BUDGET + 60)) \
