@@ -19,7 +19,8 @@ times, per tile, on one thread and without workers:
 
 CPU time of this process is the figure that survives other jobs on the machine; wall time is what a
 loader worker sees. Each row gives the median of ``--repeats`` timed passes over the tiles and the CPU of
-the fastest pass (on a shared host a busy neighbour slows some passes by up to half). Target: ≥ 150 tiles/s per core (≤ 6.7 ms per tile) for 256² tiles.
+the fastest pass (on a shared host a busy neighbour slows some passes by up to half).
+Target: ≥ 150 tiles/s per core (≤ 6.7 ms per tile) for 256² tiles.
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ def write_dataset(root: Path, tiles: int, size: int, magnification: int, seed: i
     return datalist(root, "train")
 
 
-def timed(function, items: list, blocks: int) -> tuple[float, float, float]:
-    """Milliseconds per item over ``blocks`` passes through ``items`` (after one warm-up call): wall and CPU
-    of the median block, and CPU of the fastest. Other tenants of a shared host slow some blocks by up to
-    half; the median says what a worker sees, the fastest block what the code itself costs."""
+def timed(function, items: list, passes: int) -> tuple[float, float, float]:
+    """Milliseconds per item over ``passes`` passes through ``items`` (after one warm-up call): wall and CPU
+    of the median pass, and CPU of the fastest. Other tenants of a shared host slow some passes by up to
+    half; the median says what a worker sees, the fastest pass what the code itself costs."""
     function(items[0])
     walls, cpus = [], []
-    for _ in range(blocks):
+    for _ in range(passes):
         wall, cpu = time.perf_counter(), time.process_time()
         for item in items:
             function(item)
@@ -121,7 +122,7 @@ def report(name: str, wall: float, cpu: float, fastest: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", type=int, default=48, help="256² tiles (the 1024² set has a quarter as many)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes (blocks) over the tiles")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the tiles")
     parser.add_argument("--magnification", type=int, default=40)
     parser.add_argument("--stain", default="pannuke", help="stain statistics of the LAB jitter")
     parser.add_argument("--seed", type=int, default=0)
@@ -142,7 +143,7 @@ def main() -> None:
         load_packed = Compose([LoadTiled(keys, num_classes=num_classes), ContourLevelsd(magnification=args.magnification)])
         targets = CISCATargetsd(magnification=args.magnification)
         scale = ClipIntensityd("image", 0.0, 255.0, out_range=(0.0, 1.0))  # as the bundles' train.json
-        rows = ["| stage | wall ms/tile | CPU ms/tile | CPU ms/tile, fastest block | tiles/s per core (CPU) |",
+        rows = ["| stage | wall ms/tile | CPU ms/tile | CPU ms/tile, fastest pass | tiles/s per core (CPU) |",
                 "|---|---|---|---|---|"]
         profiles, batches = {}, []
         for track_meta in (True, False):
