@@ -179,7 +179,7 @@ def train_config(spec: EncoderSpec) -> dict:
             "sampler": "$cellgap.data.sampling.ClassBalancedSampler(cellgap.data.sampling.dataset_class_counts("
                        "@train#datalist, @num_classes), seed=@seed, **cellgap.data.sampling.OVERSAMPLING_PRESETS.get("
                        "@dataset, {})) if @balanced_sampling else None",
-            "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
+            "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                            "shuffle": "$@train#sampler is None", "sampler": "@train#sampler",
                            "num_workers": "@num_workers", "drop_last": True},
             "inferer": {"_target_": "SimpleInferer"},
@@ -213,7 +213,7 @@ def train_config(spec: EncoderSpec) -> dict:
             ]},
             "dataset": {"_target_": "CacheDataset", "data": "@validate#datalist", "transform": "@validate#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
-            "dataloader": {"_target_": "DataLoader", "dataset": "@validate#dataset", "batch_size": "@val_batch_size",
+            "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@validate#dataset", "batch_size": "@val_batch_size",
                            "shuffle": False, "num_workers": "@num_workers"},
             "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ["@tile_size", "@tile_size"],
                         "sw_batch_size": "@sw_batch_size", "overlap": 0.25, "mode": "gaussian", "padding_mode": "reflect"},
@@ -307,7 +307,7 @@ def inference_config(spec: EncoderSpec) -> dict:
              "clip": True},
         ]},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 2},
+        "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 2},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ["@tile_size", "@tile_size"],
                     "sw_batch_size": "@sw_batch_size", "overlap": 0.25, "mode": "gaussian", "padding_mode": "reflect",
                     "progress": True},

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import Dataset
 from monai.transforms import Compose, MapTransform, Randomizable, SelectItemsd
 from monai.utils import MAX_SEED
 from torch import nn
@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .atomic import atomic_write_text, jsonable
 from .data.augmentation import INTENSITY_MAX, ClipIntensityd, cisca_augmentations
+from .data.dataloader import ForkSafeDataLoader
 from .data.loading import LoadTiled
 from .training import PrepareCISCABatch
 
@@ -670,8 +671,8 @@ def fill_cache(encoder: nn.Module, datalist: Sequence[Mapping], cache: Embedding
         for row in todo:
             tile, view = cache.row_key(int(row))
             jobs.append({**items[tile], "view": view, "cache_row": int(row)})
-        loader = DataLoader(Dataset(jobs, transform or default_fill_transform(cache.view_spec)), batch_size=batch_size,
-                            shuffle=False, num_workers=num_workers)
+        loader = ForkSafeDataLoader(Dataset(jobs, transform or default_fill_transform(cache.view_spec)), batch_size=batch_size,
+                                    shuffle=False, num_workers=num_workers)
         computed = 0
         encoder_was_training = encoder.training
         encoder.eval()
