@@ -49,7 +49,7 @@ print('python3', __import__('sys').version.split()[0], 'torch', torch.__version_
 'monai', monai.__version__, 'ignite', ignite.__version__, 'cuda available', torch.cuda.is_available())" || exit 4
 
 # The tests that need a CUDA device (skipped on the CPU machines that run CI).
-timeout --kill-after=10 60 python3 -m pytest -q tests/test_metrics_inputs.py tests/test_postprocessing.py -k cuda -rs \
+timeout --kill-after=10 60 python3 -m pytest -q tests/test_metrics_inputs.py tests/test_postprocessing.py tests/test_dataloader.py -k cuda -rs \
     2>&1 | tee "$OUT/pytest_cuda.log"
 
 # The data pipeline on this machine's CPU and the batch photometric step on its GPU (about a minute).

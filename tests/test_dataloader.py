@@ -53,7 +53,6 @@ def test_workers_of_a_plain_loader_free_inherited_garbage(tmp_path, monkeypatch)
 
 def test_fork_safe_loader_frees_it_in_the_parent_only(tmp_path, monkeypatch):
     assert freeing_processes(ForkSafeDataLoader, tmp_path / "freed", monkeypatch) == {os.getpid()}
-    assert gc.get_freeze_count() == 0  # the parent's collector is unfrozen again
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -68,13 +67,14 @@ def test_without_cuda_or_workers_it_is_a_plain_loader(workers, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("loader_class", [DataLoader, ForkSafeDataLoader])
-def test_cuda_tensor_in_inherited_garbage(loader_class):
-    # The failure seen on an H100: a plain loader's forked worker frees a CUDA tensor and aborts.
-    torch.zeros(1, device="cuda")
+def test_cuda_event_in_inherited_garbage(loader_class):
+    # The failure seen on an H100: a finished trainer kept recorded CUDA events in a reference cycle; a plain
+    # loader's forked worker destroyed one (a CUDA call in the child) and aborted.
     loader = loader_class(CollectingDataset(), batch_size=2, num_workers=1, multiprocessing_context="fork")
     gc.disable()
     try:
-        holder = {"tensor": torch.ones(1024, device="cuda")}
+        holder = {"event": torch.cuda.Event(enable_timing=True)}
+        holder["event"].record()
         holder["cycle"] = holder
         del holder
         if loader_class is DataLoader:

@@ -1,11 +1,12 @@
-"""A DataLoader whose forked worker processes never free the parent's CUDA tensors.
+"""A DataLoader whose forked worker processes never destroy the parent's CUDA objects.
 
 Forked workers inherit every Python object of the training process. If a worker's garbage collector
-frees an unreachable reference cycle that holds a CUDA tensor (a finished engine's state, an old batch),
-the tensor's deallocation calls into CUDA, which a forked child cannot initialise: the worker aborts
-with "CUDA error: initialization error" and the run stops ("DataLoader worker ... exited
-unexpectedly"). This happened on an H100 to a bundle's training loader that was created after other
-engines had run in the same process (docs/benchmarks.md, "Training throughput (GPU)").
+frees an unreachable reference cycle that holds a CUDA object whose destructor calls CUDA (a recorded
+``torch.cuda.Event``, for one), the call fails in the forked child, which cannot initialise CUDA, and the
+worker aborts ("CUDA error: initialization error"; the loader then raises "DataLoader worker ... exited
+unexpectedly"). On an H100 this stopped scripts/benchmark_training.py: a bundle's training loader was
+created after a finished trainer whose timing handlers held recorded events (docs/benchmarks.md);
+``tests/test_dataloader.py`` reproduces it on a CUDA machine.
 
 MONAI and torch offer no switch for it: the usual advice, the "spawn" or "forkserver" start methods,
 pickles the dataset (a CacheDataset's whole cache) to every worker at every epoch.
@@ -24,10 +25,11 @@ class ForkSafeDataLoader(DataLoader):
 
     When the process has initialised CUDA and the loader uses worker processes, each new iterator
     (each epoch, unless ``persistent_workers``) first runs a full collection in the parent, where
-    freeing CUDA memory is safe, then moves every surviving object to the collector's permanent
+    destroying CUDA objects is safe, then moves every surviving object to the collector's permanent
     generation for the duration of the fork. The workers inherit that frozen state, so their
-    collectors never visit an inherited object; the parent unfreezes right after the fork. Without
-    CUDA, or with ``num_workers=0``, it is exactly ``monai.data.DataLoader``.
+    collectors never visit an inherited object; the parent unfreezes right after the fork (all of the
+    permanent generation: ``gc.unfreeze`` has no finer grain). Without CUDA, or with ``num_workers=0``,
+    it is exactly ``monai.data.DataLoader``.
     """
 
     def __iter__(self):
