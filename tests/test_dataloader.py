@@ -1,4 +1,4 @@
-"""ForkSafeDataLoader: forked workers must not free the parent's objects (CUDA tensors in real runs)."""
+"""ForkSafeDataLoader: forked workers must not free the parent's objects (CUDA events in real runs)."""
 
 import gc
 import os
