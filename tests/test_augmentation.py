@@ -15,6 +15,8 @@ from monai.transforms import (
     OneOf,
     RandAdjustContrastd,
     RandGaussianNoised,
+    RandGaussianSharpend,
+    RandGaussianSmoothd,
     RandSpatialCropd,
     Rotate90,
     ScaleIntensityRanged,
@@ -32,6 +34,8 @@ from cellgap.data.augmentation import (
     RandDihedralElasticd,
     RandGammaContrastd,
     RandGaussianNoise32d,
+    RandGaussianSharpenNumpyd,
+    RandGaussianSmoothNumpyd,
     RandHSVShiftd,
     RandLABStainJitterd,
     cisca_augmentations,
@@ -329,6 +333,34 @@ def test_median3x3_matches_monai_median_smooth():
         expected = as_numpy(MedianSmoothd("image", radius=1)({"image": torch.from_numpy(image)})["image"])
         np.testing.assert_array_equal(median3x3(image), expected)
         np.testing.assert_array_equal(as_numpy(MedianSmooth3x3d("image")({"image": image})["image"]), expected)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 23), (1, 5, 9)])  # the second smaller than the widest kernel (13 taps)
+def test_numpy_blur_and_sharpen_match_monai(shape):
+    image = np.random.default_rng(2).random(shape).astype(np.float32) * 255
+    pairs = [
+        (RandGaussianSmoothd, RandGaussianSmoothNumpyd, dict(sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5))),
+        (RandGaussianSharpend, RandGaussianSharpenNumpyd,
+         dict(sigma1_x=(0.1, 0.2), sigma1_y=(0.1, 0.2), sigma2_x=(0.7, 0.9), sigma2_y=(0.7, 0.9), alpha=(0.45, 0.9))),
+    ]
+    for monai_class, numpy_class, ranges in pairs:
+        theirs = monai_class("image", prob=0.6, **ranges).set_random_state(3)
+        ours = numpy_class("image", prob=0.6, **ranges).set_random_state(3)
+        fired = 0
+        for _ in range(8):
+            expected = as_numpy(theirs({"image": torch.from_numpy(image)})["image"])
+            out = ours({"image": image})["image"]
+            fired += ours._do_transform
+            assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == shape
+            np.testing.assert_allclose(out, expected, atol=2e-3)
+        assert 0 < fired < 8  # both branches seen, drawn from the same random stream
+        assert theirs.R.randint(2**31) == ours.R.randint(2**31)
+    # rows and columns get their own sigma, as in MONAI (spatial axes 0 and 1)
+    smooth = RandGaussianSmoothNumpyd("image", sigma_x=(0.5, 0.5), sigma_y=(1.5, 1.5), prob=1.0)
+    reference = RandGaussianSmoothd("image", sigma_x=(0.5, 0.5), sigma_y=(1.5, 1.5), prob=1.0)
+    np.testing.assert_allclose(smooth({"image": image})["image"], as_numpy(reference({"image": image})["image"]), atol=2e-3)
+    with pytest.raises(ValueError, match=r"image: expected a channel-first \(C, H, W\) image"):
+        smooth({"image": image[0]})
 
 
 def test_float32_noise_has_monais_distribution():
