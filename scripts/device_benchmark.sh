@@ -16,13 +16,13 @@
 #
 # 2. The call, with the device tool:
 #
-#        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=570)
+#        run(command="bash scripts/device_benchmark.sh", carry=[".whl"], timeout_s=590)
 #
-#    In order: the CUDA-only tests (at most 1 minute); the data-pipeline benchmark (at most 2 minutes: CPU
-#    figures of this machine, and the batch photometric step on the GPU); the training benchmark, which stops
-#    starting encoders after BUDGET seconds (default 170; most important encoders first) and is interrupted at
-#    BUDGET + 60 s at the latest, still printing its table; then ViT-L once more with the bundle's
-#    photometric_on_device (at most 100 s).  The call ends in about 8 minutes.  Arguments after the script
+#    In order: the data-pipeline benchmark on the idle machine (at most 2.5 minutes: CPU figures of this
+#    machine, and the batch photometric step on the GPU); the CUDA-only tests (at most 1 minute); the training
+#    benchmark, which stops starting encoders after BUDGET seconds (default 170; most important encoders
+#    first) and is interrupted at BUDGET + 60 s at the latest, still printing its table; then ViT-L once more
+#    with the bundle's photometric_on_device (at most 100 s).  The call ends in about 8.5 minutes.  Arguments after the script
 #    name go to the main benchmark_training.py run (e.g. `bash scripts/device_benchmark.sh --encoders vit_l16_21k,uni`).
 #
 # What comes back under $OUT: nvidia-smi.txt, pytest_cuda.log, benchmark_data_pipeline.log,
@@ -48,13 +48,14 @@ python3 -c "import torch, timm, monai, ignite, nibabel, cellgap.bundle, cellgap.
 print('python3', __import__('sys').version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, \
 'monai', monai.__version__, 'ignite', ignite.__version__, 'cuda available', torch.cuda.is_available())" || exit 4
 
+# First, while the CPU is idle: the data pipeline on this machine's CPU and the batch photometric step on its
+# GPU (about 1.5 minutes).
+timeout --kill-after=10 150 python3 scripts/benchmark_data_pipeline.py --tiles 24 --repeats 5 \
+    2>&1 | grep -v "packing" | tee "$OUT/benchmark_data_pipeline.log"
+
 # The tests that need a CUDA device (skipped on the CPU machines that run CI).
 timeout --kill-after=10 60 python3 -m pytest -q tests/test_metrics_inputs.py tests/test_postprocessing.py tests/test_dataloader.py -k cuda -rs \
     2>&1 | tee "$OUT/pytest_cuda.log"
-
-# The data pipeline on this machine's CPU and the batch photometric step on its GPU (about a minute).
-timeout --kill-after=10 120 python3 scripts/benchmark_data_pipeline.py --tiles 24 --repeats 3 \
-    2>&1 | grep -v "packing" | tee "$OUT/benchmark_data_pipeline.log"
 
 timeout --signal=INT --kill-after=30 $((BUDGET + 60)) \
     python3 scripts/benchmark_training.py --device cuda --time-budget "$BUDGET" --out "$OUT/benchmark_training.json" "$@" \
