@@ -409,11 +409,11 @@ class RandLABStainJitterd(RandomizableTransform, MapTransform):
         # Statistics and transfer in the opponent f-values, where LAB is one affine map away: the same
         # arithmetic with the 8-bit LAB scaling and its clip bounds folded into three constants per channel.
         g = _rgb_to_opponent(image)
-        mean = g.mean(axis=1) * _LAB8_SCALE + _LAB8_OFFSET  # float32 with numpy's pairwise summation
-        std = g.std(axis=1) * _LAB8_SCALE
+        std = g.std(axis=1) * _LAB8_SCALE  # LAB units; float32 with numpy's pairwise summation
         # A flat channel (std 0) keeps its flatness and only moves to the target mean.
         scale = np.where(std > 1e-6, self.target_std / np.maximum(std, 1e-6), 0.0).astype(np.float32)
-        offset = ((self.target_mean - mean * scale + _LAB8_OFFSET * (scale - 1)) / _LAB8_SCALE).astype(np.float32)
+        # (lab − mean)·scale + target in LAB is g·scale + offset in opponent units, lab = g·K + C
+        offset = ((self.target_mean - _LAB8_OFFSET) / _LAB8_SCALE - g.mean(axis=1) * scale).astype(np.float32)
         for channel in range(3):
             g[channel] *= scale[channel]
             g[channel] += offset[channel]
