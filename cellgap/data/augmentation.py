@@ -728,9 +728,9 @@ def median3x3(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     return v[4].numpy() if isinstance(image, np.ndarray) else v[4]
 
 
-def _gaussian_kernel(sigma: float) -> np.ndarray:
+def gaussian_kernel(sigma: float) -> torch.Tensor:
     """MONAI's ``GaussianFilter`` kernel (sampled with erf, 4σ each side, not renormalised), float32."""
-    return gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf", normalize=False).numpy().astype(np.float32)
+    return gaussian_1d(float(sigma), truncated=4.0, approx="erf")
 
 
 def _filter_axis(image: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
@@ -760,7 +760,7 @@ def gaussian_filter_2d(image: np.ndarray, sigma_rows: float, sigma_cols: float) 
     kernels and zero padding as separable numpy passes (≈2 against ≈4 ms per 256² RGB image on one core,
     where torch's convolution with one channel per group is slow)."""
     image = image.astype(np.float32, copy=False)
-    return _filter_axis(_filter_axis(image, _gaussian_kernel(sigma_cols), 2), _gaussian_kernel(sigma_rows), 1)
+    return _filter_axis(_filter_axis(image, gaussian_kernel(sigma_cols).numpy(), 2), gaussian_kernel(sigma_rows).numpy(), 1)
 
 
 class RandGaussianSmoothNumpyd(RandGaussianSmoothd):
@@ -1066,6 +1066,7 @@ __all__ = [
     "StainStatistics",
     "cisca_augmentations",
     "gaussian_filter_2d",
+    "gaussian_kernel",
     "lab8_to_rgb",
     "median3x3",
     "rgb_to_lab8",

@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.convutils import gaussian_1d
 
 from .augmentation import (
     _LAB8_OFFSET,
@@ -53,6 +52,7 @@ from .augmentation import (
     SHARPEN_SIGMA2,
     STAIN_PROB,
     StainStatistics,
+    gaussian_kernel,
     median3x3,
     stain_statistics,
 )
@@ -119,7 +119,7 @@ def shift_hsv(images: torch.Tensor, hue: torch.Tensor, saturation: torch.Tensor,
 
 def _kernels(sigmas: torch.Tensor) -> torch.Tensor:
     """(N, K) Gaussian kernels of MONAI's GaussianFilter (erf, 4σ), zero-padded to one odd length."""
-    kernels = [gaussian_1d(float(s), truncated=4.0, approx="erf") for s in sigmas]
+    kernels = [gaussian_kernel(s) for s in sigmas]
     length = max(k.numel() for k in kernels)
     return torch.stack([F.pad(k, ((length - k.numel()) // 2,) * 2) for k in kernels])
 
