@@ -604,7 +604,7 @@ def value_error_of(function, *args) -> ValueError:
 
 def test_bad_input_raises_a_value_error_naming_the_key():
     pipeline = Compose(cisca_augmentations(crop_size=48))
-    check = cisca_augmentations()[0]
+    check = cisca_augmentations(crop_size=None)[0]
     sample = blob_sample(0)
     good = {k: sample[k] for k in ("image", "label", "classes")}
     cases = [
@@ -612,6 +612,8 @@ def test_bad_input_raises_a_value_error_naming_the_key():
         ({"image": sample["image"].transpose(1, 2, 0)}, r"image: expected a channel-first RGB"),
         ({"image": sample["image"] / 255.0}, "image: .*scaled to 0..1"),
         ({"label": sample["label"][:, :32]}, r"label: expected a \(1, H, W\) map matching image"),
+        # wider than the image: any crop would cut it to the crop's size, so shapes are checked before cropping
+        ({"label": np.pad(sample["label"], ((0, 0), (0, 0), (0, 16)))}, r"label: expected a \(1, H, W\) map matching image"),
         ({"classes": sample["classes"][0]}, r"classes: expected a \(1, H, W\) map"),
         ({"label": sample["label"] + 0.5}, "label: expected integer ids"),
         ({"label": -sample["label"]}, "label: expected non-negative ids"),
