@@ -11,7 +11,7 @@ Examples::
     python scripts/prepare_data.py pannuke --raw ~/data/pannuke_raw --out data/pannuke --pack
 
 ``--pack`` also writes the uncompressed memory-mapped copy ``<out>/packed`` that ``LoadTiled`` reads
-≈25× faster, with each tile's contour levels computed once (``cellgap.data.packed``; ≈7 bytes per pixel
+≈25× faster, with each tile's contour levels computed once (``cellgap.data.packed``; 9 bytes per pixel
 on disk). An existing prepared folder is packed with ``python -c "from cellgap.data.packed import pack_dataset; pack_dataset('data/pannuke', overwrite=True)"``.
 
 Prints the prepared folder, its protocols and the split sizes.

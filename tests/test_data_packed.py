@@ -3,7 +3,6 @@ is ignored for changed files, checks every tile once at packing, and never trave
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 
@@ -56,7 +55,7 @@ def test_packed_tiles_equal_the_files(tmp_path, classes):
     assert expected[0]["image"].dtype == torch.uint8 and np.array_equal(expected[0]["image"].numpy(), stored)
     folder = pack_dataset(tmp_path / "d")
     assert folder == tmp_path / "d" / PACKED
-    assert np.load(folder / "labels.npy", mmap_mode="r").dtype == np.uint16
+    assert np.load(folder / "48x48" / "labels.npy", mmap_mode="r").dtype == np.int32  # LoadTiled's dtype
     loader = LoadTiled(num_classes=3)
     for item, reference in zip(items, expected):
         out = loader(item)
@@ -104,10 +103,35 @@ def test_packing_checks_every_tile_and_names_the_file(tmp_path):
         f.write(b"not a png")
     with pytest.raises(ValueError, match=r"t1\.png: cannot read image"):
         pack_dataset(tmp_path / "d")
-    mixed = write(tmp_path / "m", n=2, sizes=[48, 32])
-    with pytest.raises(ValueError, match="packing needs one tile size"):
-        pack_dataset(tmp_path / "m")
-    assert mixed and not (tmp_path / "m" / PACKED).exists()
+
+
+def test_tiles_of_several_sizes_pack_into_one_folder_each(tmp_path):
+    """As CytoDArk0's full-size images and their 256² tiles: every tile loads as from its files."""
+    items = write(tmp_path / "m", n=5, sizes=[48, 32, 48, 64, 32])
+    folder = pack_dataset(tmp_path / "m")
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["32x32", "48x48", "64x64"]
+    assert np.load(folder / "48x48" / "images.npy", mmap_mode="r").shape == (2, 3, 48, 48)
+    loader, files = LoadTiled(num_classes=3), LoadTiled(num_classes=3, packed=False)
+    for item in items:
+        assert_same(loader(item), files(item))
+    assert loader._packs
+
+
+def test_a_write_to_a_loaded_tile_stays_in_that_array(tmp_path):
+    """Tiles are private copy-on-write maps of the pack: writing to one (in place, as a transform may)
+    changes neither the file nor the next read of the same tile in the same process."""
+    items = write(tmp_path / "d", n=2)
+    folder = pack_dataset(tmp_path / "d")
+    keys = ("image", "label", "classes", CONTOUR_LEVELS_KEY)
+    loader = LoadTiled(keys=keys, num_classes=3)
+    out = loader(items[1])
+    expected = {k: out[k].clone() for k in keys}
+    for key in keys:
+        out[key].fill_(7)
+    again = loader(items[1])
+    for key in keys:
+        assert torch.equal(again[key], expected[key]), key
+    np.testing.assert_array_equal(np.load(folder / "48x48" / "labels.npy")[1], expected["label"][0].numpy())
 
 
 def test_loaded_class_ids_are_checked_against_the_loader(tmp_path):
@@ -135,7 +159,7 @@ def test_loader_pickles_without_its_memory_maps(tmp_path):
 def test_damaged_pack_names_the_file_and_the_fix(tmp_path, damage):
     items = write(tmp_path / "d")
     folder = pack_dataset(tmp_path / "d")
-    target = folder / ("index.json" if damage == "index" else "images.npy")
+    target = folder / ("index.json" if damage == "index" else "48x48/images.npy")
     if damage == "delete":
         target.unlink()
     else:
@@ -167,16 +191,11 @@ def test_pack_stores_each_tiles_contour_levels(tmp_path):
     np.testing.assert_array_equal(np.asarray(computed[0]), np.asarray(loader(items[0])[CONTOUR_LEVELS_KEY][0]))
 
 
-def test_levels_of_another_profile_or_an_older_pack_are_recomputed(tmp_path):
+def test_levels_of_another_profile_are_recomputed(tmp_path):
     items = write(tmp_path / "d", n=1)
-    folder = pack_dataset(tmp_path / "d")
+    pack_dataset(tmp_path / "d")
     keys = ("image", "label", "classes", CONTOUR_LEVELS_KEY)
     stored = LoadTiled(keys=keys)(items[0])
     at_20x = ContourLevelsd(magnification=20)(stored)
     label = np.asarray(stored["label"][0])
     np.testing.assert_array_equal(np.asarray(at_20x[CONTOUR_LEVELS_KEY][0]), contour_levels(label, PROFILE_20X))
-    index = json.loads((folder / "index.json").read_text())
-    del index[CONTOUR_LEVELS_KEY]  # as written before the levels were stored
-    (folder / "index.json").write_text(json.dumps(index))
-    older = LoadTiled(keys=keys)(items[0])
-    assert CONTOUR_LEVELS_KEY not in older and torch.equal(older["label"], stored["label"])

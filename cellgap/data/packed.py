@@ -2,33 +2,37 @@
 
 Decoding a 256² tile of the prepared layout (PNG image + two zlib TIFFs) costs ≈5–6 ms of CPU on the
 dev machine, more than the rest of the training data pipeline; reading it from this copy costs
-≈0.2 ms (docs/benchmarks.md, "Data pipeline"). ``pack_dataset(root)`` writes, next to the prepared
-files (which stay the reference)::
+≈0.1 ms (docs/benchmarks.md, "Data pipeline"). ``pack_dataset(root)`` writes, next to the prepared
+files (which stay the reference), one folder per tile size (CytoDArk0 holds full-size images and
+their 256² tiles)::
 
-    <root>/packed/images.npy   (N, 3, H, W) uint8, channel-first as LoadTiled returns it
-    <root>/packed/labels.npy   (N, H, W) uint16 or int32 instance maps
-    <root>/packed/classes.npy  (N, H, W) uint8 class maps (absent when the dataset has none)
-    <root>/packed/levels.npy   (N, H, W) uint8 contour levels of each whole tile (``cellgap.targets``,
-                               for the magnification of dataset.json, profile named in the index)
-    <root>/packed/index.json   tile ids, their source files with size and mtime, array dtypes
+    <root>/packed/<H>x<W>/images.npy   (N, 3, H, W) uint8, channel-first as LoadTiled returns it
+    <root>/packed/<H>x<W>/labels.npy   (N, H, W) int32 instance maps
+    <root>/packed/<H>x<W>/classes.npy  (N, H, W) uint8 class maps (absent when the dataset has none)
+    <root>/packed/<H>x<W>/levels.npy   (N, H, W) uint8 contour levels of each whole tile
+                                       (``cellgap.targets``, for the magnification of dataset.json)
+    <root>/packed/index.json           tile ids, their size folder and row, source files with size and mtime
 
 Every tile is read and checked once, at packing, by the same readers and checks as ``LoadTiled``
-(errors name the file). At load time a tile comes from the pack only when its three source files
-still have the recorded size and modification time; otherwise ``LoadTiled`` reads the files.
-Packing needs one tile size for the whole dataset. Disk: 7 bytes per pixel with uint16 ids
-(≈0.46 MB per 256² tile; PanNuke ≈3.6 GB, CoNIC ≈2.2 GB), served from the page cache when memory allows.
-The contour levels cost ≈4 ms per 256² tile at packing and save that much per sample in training
-(``ContourLevelsd``); a pack written before they existed still loads, and they are then computed per sample.
+(errors name the file). At load time a tile comes from the pack only when its source files still have
+the recorded size and modification time; otherwise ``LoadTiled`` reads the files.
+The arrays hold ``LoadTiled``'s dtypes, and each read maps its tile privately (copy-on-write) instead
+of copying it: a random 256² crop from a 2048² tile touches the crop's pages only, and a write to a
+loaded array never reaches the file or a later read. Disk: 9 bytes per pixel (≈0.59 MB per 256² tile;
+PanNuke ≈4.7 GB, CoNIC ≈2.9 GB), served from the page cache when memory allows. The contour levels cost
+≈4 ms per 256² tile at packing and save that much per sample in training (``ContourLevelsd``).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..magnification import profile_for
@@ -38,7 +42,8 @@ from .prepared import INFO, read_dataset_info, read_manifest
 
 PACKED = "packed"
 INDEX = "index.json"
-FORMAT = 1
+FORMAT = 2  # 1: one tile size, uint16 ids, int32 class maps read as copies
+ARRAYS = {"images": np.uint8, "labels": np.int32, "classes": np.uint8, "levels": np.uint8}
 
 
 def _stamp(path: Path) -> list:
@@ -52,6 +57,19 @@ def read_tile_files(image_path, label_path, classes_path, num_classes: int | Non
     label = read_instance_map(label_path, rgb.shape[:2], image_path)
     classes = read_class_map(classes_path, label.shape, num_classes) if classes_path else None
     return rgb, label, classes
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the image header; an unreadable image raises read_rgb's error naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except (OSError, ValueError):
+        return read_rgb(path).shape[:2]
+
+
+def _folder(shape) -> str:
+    return f"{shape[0]}x{shape[1]}"
 
 
 def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
@@ -69,54 +87,46 @@ def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: boo
     partial.mkdir()
     try:
         with_classes = all(row["classes"] for row in rows)
-        first = read_rgb(root / rows[0]["image"])
-        height, width = first.shape[:2]
-        n = len(rows)
-        images = np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, height, width))
-        labels = np.lib.format.open_memmap(partial / "labels32.npy", mode="w+", dtype=np.int32, shape=(n, height, width))
-        top = 0
-        classes = np.lib.format.open_memmap(partial / "classes.npy", mode="w+", dtype=np.uint8,
-                                            shape=(n, height, width)) if with_classes else None
+        shapes = [_image_size(root / row["image"]) for row in rows]
+        counts = {}  # tiles per size, in order of first appearance
+        places = []  # (size group, row in its arrays) of every tile
+        for shape in shapes:
+            places.append([list(counts).index(shape) if shape in counts else len(counts), counts.get(shape, 0)])
+            counts[shape] = counts.get(shape, 0) + 1
+        groups = []
+        for shape, n in counts.items():
+            (partial / _folder(shape)).mkdir()
+            groups.append({
+                name: np.lib.format.open_memmap(partial / _folder(shape) / f"{name}.npy", mode="w+", dtype=dtype,
+                                                shape=(n, 3, *shape) if name == "images" else (n, *shape))
+                for name, dtype in ARRAYS.items() if name != "classes" or with_classes
+            })
         profile = profile_for(magnification=info.magnification)  # as the bundles' ContourLevelsd (@magnification)
-        levels = np.lib.format.open_memmap(partial / "levels.npy", mode="w+", dtype=np.uint8, shape=(n, height, width))
         sources = []
-        for index, row in enumerate(tqdm(rows, desc=f"packing {root.name}", unit="tile", disable=not progress)):
+        for row, shape, (group, index) in zip(tqdm(rows, desc=f"packing {root.name}", unit="tile", disable=not progress),
+                                               shapes, places):
             paths = [root / row["image"], root / row["label"], root / row["classes"] if with_classes else None]
             rgb, label, cls = read_tile_files(*paths, num_classes=info.num_classes)
-            if rgb.shape[:2] != (height, width):
-                raise ValueError(f"{paths[0]}: tile is {rgb.shape[:2]}, the first tile {rows[0]['image']} is "
-                                 f"{(height, width)}; packing needs one tile size")
+            if rgb.shape[:2] != shape:
+                raise ValueError(f"{paths[0]}: decodes to {rgb.shape[:2]}, its header says {shape}")
             if cls is not None and cls.max() > 255:
-                raise ValueError(f"{paths[2]}: class id {cls.max()} does not fit the packed uint8 class maps")
+                raise ValueError(f"{paths[2]}: class id {cls.max()} does not fit LoadTiled's uint8 class maps")
             if label.size and label.max() >= 2**31:
                 raise ValueError(f"{paths[1]}: instance id {label.max()} does not fit LoadTiled's int32 maps")
-            images[index] = np.moveaxis(rgb, -1, 0)
-            labels[index] = label
-            levels[index] = contour_levels(label, profile)
-            top = max(top, int(label.max(initial=0)))
-            if classes is not None:
-                classes[index] = cls
+            arrays = groups[group]
+            arrays["images"][index] = np.moveaxis(rgb, -1, 0)
+            arrays["labels"][index] = label
+            arrays["levels"][index] = contour_levels(label, profile)
+            if cls is not None:
+                arrays["classes"][index] = cls
             sources.append({k: [row[k], *_stamp(p)] for k, p in zip(("image", "label", "classes"), paths) if p is not None})
-        labels.flush()
-        if top < 2**16:  # uint16 ids when they fit: 2 instead of 4 bytes per pixel
-            small = np.lib.format.open_memmap(partial / "labels.npy", mode="w+", dtype=np.uint16, shape=labels.shape)
-            for start in range(0, n, 256):
-                small[start : start + 256] = labels[start : start + 256]
-            small.flush()
-            del small, labels
-            (partial / "labels32.npy").unlink()
-        else:
-            del labels
-            os.replace(partial / "labels32.npy", partial / "labels.npy")
-        images.flush()
-        levels.flush()
-        del images, levels
-        if classes is not None:
-            classes.flush()
-            del classes
-        index = {"format": FORMAT, "dataset": info.name, "shape": [height, width], "ids": [row["id"] for row in rows],
-                 "sources": sources, "classes": with_classes, "num_classes": info.num_classes,
-                 CONTOUR_LEVELS_KEY: profile.name,
+        for arrays in groups:
+            for array in arrays.values():
+                array.flush()
+        del groups, arrays  # closes the maps before the folder is moved
+        index = {"format": FORMAT, "dataset": info.name, "ids": [row["id"] for row in rows], "places": places,
+                 "groups": [[*shape, n] for shape, n in counts.items()], "sources": sources,
+                 "classes": with_classes, "num_classes": info.num_classes, CONTOUR_LEVELS_KEY: profile.name,
                  "dataset_json": _stamp(root / INFO)}
         (partial / INDEX).write_text(json.dumps(index), encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)
@@ -127,8 +137,34 @@ def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: boo
     return out
 
 
+class PackedArray:
+    """One packed ``.npy`` stack, read a tile at a time through a private copy-on-write mapping of that
+    tile's bytes (numpy's memory maps are shared per file: a write through one would reach every later
+    read of the tile in this process)."""
+
+    def __init__(self, path: Path, dtype, count: int, shape: tuple, repack: str):
+        try:
+            array = np.load(path, mmap_mode="r")  # checks the header and that the file is long enough
+        except (OSError, ValueError) as error:  # missing or truncated: numpy's message names no file
+            raise ValueError(f"{path}: unreadable packed array ({error}); {repack}") from error
+        if array.shape != (count, *shape) or array.dtype != dtype:
+            raise ValueError(f"{path}: packed array {array.dtype} {array.shape}, the index says "
+                             f"{np.dtype(dtype)} {(count, *shape)}; {repack}")
+        self.path, self.dtype, self.shape, self.offset = path, array.dtype, tuple(shape), array.offset
+        self.tile_bytes = int(np.prod(shape)) * array.dtype.itemsize
+        self._file = None
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 (kept open for the reads; closed with this object)
+        start = self.offset + position * self.tile_bytes
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        pages = mmap.mmap(self._file.fileno(), start - aligned + self.tile_bytes, access=mmap.ACCESS_COPY, offset=aligned)
+        return np.frombuffer(pages, self.dtype, int(np.prod(self.shape)), start - aligned).reshape(self.shape)
+
+
 class PackedTiles:
-    """Read access to ``<root>/packed`` (memory-mapped; open it in the process that reads)."""
+    """Read access to ``<root>/packed`` (open it in the process that reads: each array keeps its file open)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -141,23 +177,22 @@ class PackedTiles:
         if index.get("format") != FORMAT:
             raise ValueError(f"{folder}: packed format {index.get('format')!r}; expected {FORMAT}; {repack}")
         self.sources = index["sources"]
+        self.places = index["places"]
+        self.num_classes = index["num_classes"]  # every tile's class ids were checked against it at packing
+        self.contour_profile = index[CONTOUR_LEVELS_KEY]  # the magnification profile of the stored levels
         self.rows = {str(self.root / source["image"][0]): row for row, source in enumerate(self.sources)}
-        self.images = self._array(folder / "images.npy", (len(self.sources), 3, *index["shape"]), repack)
-        self.labels = self._array(folder / "labels.npy", (len(self.sources), *index["shape"]), repack)
-        self.classes = self._array(folder / "classes.npy", self.labels.shape, repack) if index["classes"] else None
-        # Profile name of the stored contour levels; None in packs written before they were stored.
-        self.contour_profile = index.get(CONTOUR_LEVELS_KEY)
-        self.levels = self._array(folder / "levels.npy", self.labels.shape, repack) if self.contour_profile else None
+        self.groups = [
+            {name: PackedArray(folder / _folder((h, w)) / f"{name}.npy", dtype, n, (3, h, w) if name == "images" else (h, w),
+                               repack)
+             for name, dtype in ARRAYS.items() if name != "classes" or index["classes"]}
+            for h, w, n in index["groups"]
+        ]
 
-    @staticmethod
-    def _array(path: Path, shape: tuple, repack: str) -> np.ndarray:
-        try:
-            array = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as error:  # missing or truncated: numpy's message names no file
-            raise ValueError(f"{path}: unreadable packed array ({error}); {repack}") from error
-        if array.shape != tuple(shape):
-            raise ValueError(f"{path}: packed array of shape {array.shape}, the index says {tuple(shape)}; {repack}")
-        return array
+    def read(self, row: int, name: str) -> np.ndarray | None:
+        """Tile ``row``'s array ``name`` (one of ``ARRAYS``), privately mapped; None if the pack lacks it."""
+        group, position = self.places[row]
+        array = self.groups[group].get(name)
+        return None if array is None else array[position]
 
     def row(self, **paths) -> int | None:
         """The packed row of the tile whose source files are ``paths`` (``image=…``, optionally ``label=…``,
@@ -192,4 +227,4 @@ def packed_tiles_for(image_path, cache: dict) -> PackedTiles | None:
     return None if found is _NOT_PACKED else found
 
 
-__all__ = ["PACKED", "PackedTiles", "pack_dataset", "packed_tiles_for", "read_tile_files"]
+__all__ = ["PACKED", "PackedArray", "PackedTiles", "pack_dataset", "packed_tiles_for", "read_tile_files"]
