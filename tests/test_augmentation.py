@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     Flip,
@@ -38,6 +39,7 @@ from cellgap.data.augmentation import (
     RandGaussianSmoothNumpyd,
     RandHSVShiftd,
     RandLABStainJitterd,
+    RandSquareCropd,
     cisca_augmentations,
     lab8_to_rgb,
     median3x3,
@@ -642,3 +644,21 @@ def test_transforms_check_their_own_inputs():
         cisca_augmentations(crop_size=0)
     with pytest.raises(ValueError, match="label_keys"):
         cisca_augmentations(label_keys=("image",))
+
+
+def test_square_crop_of_plain_tensors_is_monais_crop():
+    """Without MetaTensor tracking the crop slices the tensors itself: same windows from the same draws
+    as MONAI's RandSpatialCropd, plain tensors out."""
+    sample = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in coordinate_sample(40).items()}
+    ours = RandSquareCropd(("image", "label"), roi_size=16, random_size=False).set_random_state(4)
+    monai = RandSpatialCropd(("image", "label"), roi_size=16, random_size=False).set_random_state(4)
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        for _ in range(10):
+            a, b = ours(dict(sample)), monai(dict(sample))
+            for key in ("image", "label"):
+                assert type(a[key]) is torch.Tensor and a[key].shape[1:] == (16, 16)
+                assert torch.equal(a[key], b[key]), key
+    finally:
+        set_track_meta(previous)

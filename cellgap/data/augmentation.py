@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor, get_track_meta
+from monai.data.utils import get_random_patch, get_valid_patch_size
 from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import (
     CastToTyped,
@@ -698,17 +699,27 @@ class RandDihedralElasticd(RandomizableTransform, MapTransform):
 
 class RandSquareCropd(RandSpatialCropd):
     """MONAI's ``RandSpatialCropd`` (fixed size, offset uniform over every valid position) that passes a
-    sample through untouched, without drawing, when no spatial side exceeds ``roi_size``: that crop
-    is a no-op that costs ≈0.6 ms per 256² sample in MONAI."""
+    sample through untouched, without drawing, when no spatial side exceeds ``roi_size`` (a no-op that
+    costs ≈0.6 ms per 256² sample in MONAI), and that slices plain tensors itself under
+    ``set_track_meta(False)``, with the same draw and the same views as MONAI (whose crop of four keys
+    costs ≈0.25 ms there, in bookkeeping for MetaTensors)."""
 
     def __call__(self, data: Mapping[Hashable, object], lazy: bool | None = None) -> dict:
         first = next(iter(self.key_iterator(data)), None)
-        if first is not None:
-            shape = data[first].shape
-            roi = ensure_tuple_rep(self.cropper.roi_size, len(shape) - 1)
-            if all(side <= r for side, r in zip(shape[1:], roi)):
-                return dict(data)
-        return super().__call__(data, lazy=lazy)
+        if first is None:
+            return super().__call__(data, lazy=lazy)
+        shape = data[first].shape
+        roi = ensure_tuple_rep(self.cropper.roi_size, len(shape) - 1)
+        if all(side <= r for side, r in zip(shape[1:], roi)):
+            return dict(data)
+        if lazy or self.lazy or get_track_meta() or not all(
+                type(data[key]) is torch.Tensor for key in self.key_iterator(data)):  # as MONAI gives them
+            return super().__call__(data, lazy=lazy)
+        window = (slice(None), *get_random_patch(shape[1:], get_valid_patch_size(shape[1:], roi), self.cropper.R))
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key][window]
+        return d
 
 
 _MEDIAN9_EXCHANGES = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
