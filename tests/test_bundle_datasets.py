@@ -10,6 +10,7 @@ from monai.bundle import ConfigParser, run
 
 from cellgap import targets
 from cellgap.bundle import bundle_name
+from cellgap.data import loading
 from cellgap.data.fixtures import write_native
 from cellgap.data.packed import pack_dataset
 from cellgap.data.prepared import read_dataset_info
@@ -27,11 +28,32 @@ NATIVE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(NATIVE))
-def test_native_files_convert_and_train_one_step(name, tmp_path):
+def convert(name: str, tmp_path: Path) -> Path:
     writer_options, convert_options = NATIVE[name]
     raw = write_native(name, tmp_path / "raw", **writer_options)
-    prepared = prepare_dataset(name, raw, tmp_path / "prepared", progress=False, **convert_options)
+    return prepare_dataset(name, raw, tmp_path / "prepared", progress=False, **convert_options)
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_native_files_convert_and_train_one_step(name, tmp_path):
+    train_one_step(name, convert(name, tmp_path), tmp_path)
+
+
+def test_cytodark0_full_images_and_their_tiles_pack_and_train(tmp_path, monkeypatch):
+    """CytoDArk0 holds full-size images (training, random crops) and their tiles (validation): the pack
+    keeps one folder per size, and a training step with validation reads every tile from it."""
+    prepared = convert("cytodark0", tmp_path)
+    folder = pack_dataset(prepared, progress=False)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["128x128", "64x64"]
+
+    def not_here(path):
+        raise AssertionError(f"{path}: decoded although the pack holds it")
+
+    monkeypatch.setattr(loading, "read_rgb", not_here)
+    train_one_step("cytodark0", prepared, tmp_path)
+
+
+def train_one_step(name: str, prepared: Path, tmp_path: Path) -> None:
     info = read_dataset_info(prepared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
