@@ -42,7 +42,7 @@ from .prepared import INFO, read_dataset_info, read_manifest
 
 PACKED = "packed"
 INDEX = "index.json"
-FORMAT = 2  # 1: one tile size, uint16 ids, int32 class maps read as copies
+FORMAT = 2  # format 1: one tile size, uint16 ids, each tile copied and converted on reading
 ARRAYS = {"images": np.uint8, "labels": np.int32, "classes": np.uint8, "levels": np.uint8}
 
 
