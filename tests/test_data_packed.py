@@ -3,6 +3,7 @@ is ignored for changed files, checks every tile once at packing, and never trave
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -199,3 +200,13 @@ def test_levels_of_another_profile_are_recomputed(tmp_path):
     at_20x = ContourLevelsd(magnification=20)(stored)
     label = np.asarray(stored["label"][0])
     np.testing.assert_array_equal(np.asarray(at_20x[CONTOUR_LEVELS_KEY][0]), contour_levels(label, PROFILE_20X))
+
+
+def test_a_pack_of_an_older_format_names_the_fix(tmp_path):
+    items = write(tmp_path / "d", n=1)
+    folder = pack_dataset(tmp_path / "d")
+    index = json.loads((folder / "index.json").read_text())
+    index["format"] = 1  # one tile size, uint16 ids: written before 2026-12-06
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"packed format 1; expected 2; delete .*pack the dataset again"):
+        LoadTiled(num_classes=3)(items[0])
