@@ -88,11 +88,12 @@ def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: boo
     try:
         with_classes = all(row["classes"] for row in rows)
         shapes = [_image_size(root / row["image"]) for row in rows]
-        counts = {}  # tiles per size, in order of first appearance
+        counts = dict.fromkeys(shapes, 0)  # tiles per size, sizes in order of first appearance
+        group_of = {shape: group for group, shape in enumerate(counts)}
         places = []  # (size group, row in its arrays) of every tile
         for shape in shapes:
-            places.append([list(counts).index(shape) if shape in counts else len(counts), counts.get(shape, 0)])
-            counts[shape] = counts.get(shape, 0) + 1
+            places.append([group_of[shape], counts[shape]])
+            counts[shape] += 1
         groups = []
         for shape, n in counts.items():
             (partial / _folder(shape)).mkdir()
