@@ -134,6 +134,4 @@ class LoadTiled(MapTransform):
         if not path:
             return _tensor((label > 0).astype(np.uint8)[None], label_path, label.shape)
         classes = read_class_map(path, label.shape, self.num_classes)
-        if classes.size and classes.max() > 255:
-            raise ValueError(f"{path}: class id {classes.max()}; class maps hold ids 0..255")
-        return _tensor(classes.astype(np.uint8)[None], path, classes.shape)
+        return _tensor(classes[None], path, classes.shape)

@@ -202,19 +202,22 @@ def read_instance_map(path: str | os.PathLike, image_shape: tuple[int, ...] | No
 
 
 def read_class_map(path: str | os.PathLike, label_shape: tuple[int, ...], num_classes: int | None) -> np.ndarray:
-    """A prepared tile's class map: the instance map's shape, ids 0..num_classes."""
+    """A prepared tile's class map as uint8 (LoadTiled's dtype): the instance map's shape, ids 0..num_classes."""
     classes = read_label_image(path)
     if classes.shape != tuple(label_shape):
         raise ValueError(f"{path}: class map is {classes.shape}, but the instance map is {tuple(label_shape)}")
     check_class_ids(classes, path, num_classes)
-    return classes
+    return classes.astype(np.uint8, copy=False)
 
 
 def check_class_ids(classes: np.ndarray, path, num_classes: int | None) -> None:
+    """Ids in 0..num_classes, and in 0..255 as class maps are uint8."""
     low, high = int(classes.min()), int(classes.max())
     if low < 0 or (num_classes is not None and high > num_classes):
         raise ValueError(f"{path}: class ids {low}..{high}; expected 0..{num_classes} "
                          f"(0 = background) for this dataset's {num_classes} classes")
+    if high > 255:
+        raise ValueError(f"{path}: class id {high}; class maps hold ids 0..255 (uint8)")
 
 
 def check_instance_map(label: np.ndarray, where: str) -> None:

@@ -52,7 +52,7 @@ def _stamp(path: Path) -> list:
 
 
 def read_tile_files(image_path, label_path, classes_path, num_classes: int | None) -> tuple:
-    """(image (H,W,3) uint8, label (H,W) integer, classes (H,W) integer or None) with LoadTiled's checks."""
+    """(image (H,W,3) uint8, label (H,W) integer, classes (H,W) uint8 or None) with LoadTiled's checks."""
     rgb = read_rgb(image_path)
     label = read_instance_map(label_path, rgb.shape[:2], image_path)
     classes = read_class_map(classes_path, label.shape, num_classes) if classes_path else None
@@ -110,8 +110,6 @@ def pack_dataset(root: str | os.PathLike, overwrite: bool = False, progress: boo
             rgb, label, cls = read_tile_files(*paths, num_classes=info.num_classes)
             if rgb.shape[:2] != shape:
                 raise ValueError(f"{paths[0]}: decodes to {rgb.shape[:2]}, its header says {shape}")
-            if cls is not None and cls.max() > 255:
-                raise ValueError(f"{paths[2]}: class id {cls.max()} does not fit LoadTiled's uint8 class maps")
             if label.size and label.max() >= 2**31:
                 raise ValueError(f"{paths[1]}: instance id {label.max()} does not fit LoadTiled's int32 maps")
             arrays = groups[group]
@@ -152,7 +150,8 @@ class PackedArray:
             raise ValueError(f"{path}: packed array {array.dtype} {array.shape}, the index says "
                              f"{np.dtype(dtype)} {(count, *shape)}; {repack}")
         self.path, self.dtype, self.shape, self.offset = path, array.dtype, tuple(shape), array.offset
-        self.tile_bytes = int(np.prod(shape)) * array.dtype.itemsize
+        self.tile_values = int(np.prod(shape))
+        self.tile_bytes = self.tile_values * array.dtype.itemsize
         self._file = None
 
     def __getitem__(self, position: int) -> np.ndarray:
@@ -161,7 +160,7 @@ class PackedArray:
         start = self.offset + position * self.tile_bytes
         aligned = start - start % mmap.ALLOCATIONGRANULARITY
         pages = mmap.mmap(self._file.fileno(), start - aligned + self.tile_bytes, access=mmap.ACCESS_COPY, offset=aligned)
-        return np.frombuffer(pages, self.dtype, int(np.prod(self.shape)), start - aligned).reshape(self.shape)
+        return np.frombuffer(pages, self.dtype, self.tile_values, start - aligned).reshape(self.shape)
 
 
 class PackedTiles:
