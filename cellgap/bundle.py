@@ -184,6 +184,7 @@ def train_config(spec: EncoderSpec) -> dict:
                            "num_workers": "@num_workers", "drop_last": True},
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": [
+                {"_target_": "cellgap.training.DataWait"},  # first: its epoch time ends before validation
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
                  "interval": "@val_interval"},
                 {"_target_": "cellgap.training.GradientClipping", "parameters": "$@network_def.decoder.parameters()",

@@ -1,20 +1,24 @@
-"""Glue between the CISCA network and MONAI's Ignite engines: batch preparation, gradient clipping and
-checkpoint metadata that refuses a decoder trained for another encoder or another set of classes."""
+"""Glue between the CISCA network and MONAI's Ignite engines: batch preparation, gradient clipping, the
+training loop's wait for data, and checkpoint metadata that refuses a decoder trained for another encoder or
+another set of classes."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines import PrepareBatch
 from monai.engines.utils import IterationEvents
 
 from .data.augmentation import INTENSITY_MAX
 
 TARGET_KEYS = ("contour_target", "distance_target", "weight_mask", "type_target")
+logger = logging.getLogger(__name__)
 
 
 class PrepareCISCABatch(PrepareBatch):
@@ -75,6 +79,51 @@ class GradientClipping:
             for p in self.parameters:
                 if p.grad is not None:
                     torch.nn.utils.clip_grad_norm_([p], self.max_norm)
+
+
+class DataWait:
+    """Share of each training epoch's wall time the loop spent waiting for its next batch, as the trainer's
+    metric ``data_wait_share`` (0..1): the stats handlers print it and write it to TensorBoard.
+
+    The bundles' trainer synchronises with the GPU every iteration (the logged loss), so on a GPU this wait
+    is idle time of the card. Above ``warn_above`` on a CUDA device a warning names the remedies. Attach it
+    before the ValidationHandler, so that the epoch's time ends before validation starts.
+    """
+
+    METRIC = "data_wait_share"
+
+    def __init__(self, warn_above: float = 0.1) -> None:
+        if isinstance(warn_above, bool) or not isinstance(warn_above, (int, float)) or not 0 <= warn_above <= 1:
+            raise ValueError(f"warn_above: expected a share in 0..1, got {warn_above!r}")
+        self.warn_above = float(warn_above)
+        self.epoch_start = self.batch_start = 0.0
+        self.waited = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._batch_requested)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_received)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self.waited = 0.0
+        self.epoch_start = time.perf_counter()
+
+    def _batch_requested(self, engine: Engine) -> None:
+        self.batch_start = time.perf_counter()
+
+    def _batch_received(self, engine: Engine) -> None:
+        self.waited += time.perf_counter() - self.batch_start
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        share = self.waited / max(time.perf_counter() - self.epoch_start, 1e-9)
+        engine.state.metrics[self.METRIC] = share
+        device = getattr(engine.state, "device", None)
+        if share > self.warn_above and device is not None and torch.device(device).type == "cuda":
+            workers = getattr(getattr(engine, "data_loader", None), "num_workers", "?")
+            logger.warning(f"epoch {engine.state.epoch}: the training loop waited for data {share:.0%} of the time "
+                           f"(num_workers {workers}); more loader workers, a packed dataset (prepare_data.py --pack) "
+                           f"or photometric_on_device true would keep the GPU busy")
 
 
 class CheckpointMeta:

@@ -78,12 +78,17 @@ def test_train_writes_checkpoint_and_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = {"scalars": set(), "images": set()}
+    waits = []
     for events in (trained / "runs").glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events))
         acc.Reload()
         for kind in tags:
             tags[kind] |= set(acc.Tags()[kind])
-    assert {"train_loss", "learning_rate", "val_key_metric", "val_pq", "val_mpq+", "val_f1d"} <= tags["scalars"]
+        if "data_wait_share" in acc.Tags()["scalars"]:
+            waits += [(e.step, e.value) for e in acc.Scalars("data_wait_share")]
+    assert {"train_loss", "learning_rate", "data_wait_share", "val_key_metric", "val_pq", "val_mpq+", "val_f1d"} <= tags["scalars"]
+    # one value per epoch; with num_workers 0 the loop itself loads and augments, so it waits a real share
+    assert [step for step, _ in waits] == [1, 2] and all(0 < value < 1 for _, value in waits)
     assert any(t.startswith("overlay/") for t in tags["images"])
 
 
