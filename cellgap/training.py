@@ -121,7 +121,9 @@ class DataWait:
         device = getattr(engine.state, "device", None)
         if share > self.warn_above and device is not None and torch.device(device).type == "cuda":
             workers = getattr(getattr(engine, "data_loader", None), "num_workers", "?")
-            logger.warning(f"epoch {engine.state.epoch}: the training loop waited for data {share:.0%} of the time "
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = f"rank {torch.distributed.get_rank()}, " if distributed else ""  # each rank has its own loader
+            logger.warning(f"{rank}epoch {engine.state.epoch}: the training loop waited for data {share:.0%} of the time "
                            f"(num_workers {workers}); more loader workers, a packed dataset (prepare_data.py --pack) "
                            f"or photometric_on_device true would keep the GPU busy")
 

@@ -53,3 +53,15 @@ def test_no_wait_no_warning(caplog):
 def test_warn_above_must_be_a_share(value):
     with pytest.raises(ValueError, match="warn_above: expected a share in 0..1"):
         DataWait(warn_above=value)
+
+
+def test_a_distributed_warning_names_its_rank(tmp_path, caplog):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        engine = _engine("cuda")
+        DataWait().attach(engine)
+        with caplog.at_level(logging.WARNING, logger="cellgap.training"):
+            engine.run(_slow_batches(2), max_epochs=1, epoch_length=2)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert [r.getMessage()[:23] for r in caplog.records] == ["rank 0, epoch 1: the tr"]
