@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import signal
 import sys
 from pathlib import Path
 
@@ -83,8 +84,19 @@ def conversion_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in options.items() if v is not None or k == "tile_size"}
 
 
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the conversion removes its partial output
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _stop)  # a scheduler's time limit or `kill`
+    try:
+        return _prepare(parse_args(argv))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prepare(args: argparse.Namespace) -> int:
     entry = get(args.dataset)
     options = conversion_options(args)
     accepted = set(inspect.signature(entry.convert).parameters)

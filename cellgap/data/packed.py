@@ -174,17 +174,28 @@ class PackedTiles:
             index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise ValueError(f"{folder / INDEX}: unreadable packed index ({error}); {repack}") from error
-        if index.get("format") != FORMAT:
-            raise ValueError(f"{folder}: packed format {index.get('format')!r}; expected {FORMAT}; {repack}")
-        self.sources = index["sources"]
-        self.places = index["places"]
-        self.num_classes = index["num_classes"]  # every tile's class ids were checked against it at packing
-        self.contour_profile = index[CONTOUR_LEVELS_KEY]  # the magnification profile of the stored levels
-        self.rows = {str(self.root / source["image"][0]): row for row, source in enumerate(self.sources)}
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            found = index.get("format") if isinstance(index, dict) else None
+            raise ValueError(f"{folder}: packed format {found!r}; expected {FORMAT}; {repack}")
+        try:
+            self.sources = index["sources"]
+            self.places = index["places"]
+            self.num_classes = index["num_classes"]  # every tile's class ids were checked against it at packing
+            self.contour_profile = index[CONTOUR_LEVELS_KEY]  # the magnification profile of the stored levels
+            self.rows = {str(self.root / source["image"][0]): row for row, source in enumerate(self.sources)}
+            with_classes = index["classes"]
+            counts = [n for _, _, n in index["groups"]]
+            misplaced = [row for row, (group, position) in enumerate(self.places)
+                         if not (0 <= group < len(counts) and 0 <= position < counts[group])]
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"{folder / INDEX}: damaged packed index ({type(error).__name__}: {error}); {repack}") from None
+        if misplaced or len(self.places) != len(self.sources):
+            raise ValueError(f"{folder / INDEX}: damaged packed index ({len(self.sources)} tiles, {len(self.places)} places, "
+                             f"rows {misplaced[:5]} outside their arrays); {repack}")
         self.groups = [
             {name: PackedArray(folder / _folder((h, w)) / f"{name}.npy", dtype, n, (3, h, w) if name == "images" else (h, w),
                                repack)
-             for name, dtype in ARRAYS.items() if name != "classes" or index["classes"]}
+             for name, dtype in ARRAYS.items() if name != "classes" or with_classes}
             for h, w, n in index["groups"]
         ]
 

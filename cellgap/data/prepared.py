@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ INFO = "dataset.json"
 BASE_COLUMNS = ("id", "image", "label", "classes", "tissue", "split")
 SPLITS = ("train", "val", "test")
 EMPTY_POLICIES = ("skip", "nan")
+PARTIAL_MARK = ".cellgap-partial"  # inside <root>.partial while a conversion writes it
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,23 @@ class DatasetInfo:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.class_names:
-            raise ValueError(f"dataset {self.name!r}: class_names must name at least one cell class")
+        def problem(text: str) -> ValueError:
+            return ValueError(f"dataset {self.name!r}: {text}")
+
+        names = self.class_names
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+            raise problem(f"class_names must be a list naming at least one cell class, got {names!r}")
+        if not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names):
+            raise problem(f"class_names must be distinct non-empty names, got {list(names)!r}")
+        for field_name in ("magnification", "mpp"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise problem(f"{field_name} must be a positive number, got {value!r}")
+        size = self.min_cell_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+            raise problem(f"min_cell_size must be a whole number of pixels ≥ 1 (or null for the default), got {size!r}")
         if self.empty_policy not in EMPTY_POLICIES:
-            raise ValueError(f"dataset {self.name!r}: empty_policy must be one of {EMPTY_POLICIES}, got {self.empty_policy!r}")
+            raise problem(f"empty_policy must be one of {EMPTY_POLICIES}, got {self.empty_policy!r}")
         object.__setattr__(self, "class_names", tuple(self.class_names))
 
     @property
@@ -86,7 +101,10 @@ class DatasetInfo:
         if missing:
             raise ValueError(f"{source}: missing field(s) {missing}; expected at least {list(required)}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        try:
+            return cls(**known)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
 
 def read_dataset_info(root: str | os.PathLike) -> DatasetInfo:
@@ -109,7 +127,20 @@ def read_manifest(root: str | os.PathLike) -> list[dict]:
         missing = [c for c in BASE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; expected {list(BASE_COLUMNS)}")
-        return list(reader)
+        rows, first_line = [], {}
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            if None in row or None in row.values():  # csv's marks of extra and of missing cells
+                raise ValueError(f"{where}: {'more' if None in row else 'fewer'} cells than the {len(reader.fieldnames)} "
+                                 f"columns ({', '.join(reader.fieldnames)})")
+            empty = [c for c in ("id", "image", "label") if not row[c].strip()]
+            if empty:
+                raise ValueError(f"{where}: empty {', '.join(empty)}; expected the tile id and its files' paths")
+            if row["id"] in first_line:
+                raise ValueError(f"{where}: tile id {row['id']!r} already on line {first_line[row['id']]}")
+            first_line[row["id"]] = reader.line_num
+            rows.append(row)
+        return rows
 
 
 def datalist(root: str | os.PathLike, split: str | None = None, split_column: str = "split") -> list[dict]:
@@ -170,11 +201,18 @@ class PreparedWriter:
         self._ids: set[str] = set()
 
     def __enter__(self) -> PreparedWriter:
+        if self.root.exists() and not self.root.is_dir():
+            raise FileExistsError(f"{self.root}: exists and is not a folder; remove it or choose another output path")
         if self.root.exists() and not self.overwrite:
             raise FileExistsError(f"{self.root}: already exists; remove it or pass overwrite=True")
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if self.partial.exists():  # a killed conversion's leftover is removed; anything else is the user's
+            if not (self.partial / PARTIAL_MARK).is_file():
+                raise FileExistsError(f"{self.partial}: exists and was not left by a cellgap conversion; move it away "
+                                      f"or choose another output path")
+            shutil.rmtree(self.partial)
         for sub in ("images", "labels", "classes"):
             (self.partial / sub).mkdir(parents=True)
+        (self.partial / PARTIAL_MARK).touch()
         return self
 
     def add(self, tile_id: str, image: np.ndarray, label: np.ndarray, classes: np.ndarray | None = None,
@@ -206,6 +244,7 @@ class PreparedWriter:
             writer.writeheader()
             writer.writerows(self.rows)
         (self.partial / INFO).write_text(json.dumps(self.info.to_json(), indent=2), encoding="utf-8")
+        (self.partial / PARTIAL_MARK).unlink()
         if self.root.exists():
             shutil.rmtree(self.root)
         os.replace(self.partial, self.root)
