@@ -149,6 +149,8 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, protocol: st
         raise ValueError(f"{labels_path}: dtype {labels.dtype}; expected integer instance and class ids (uint16 in the release)")
     if len(images) != len(labels):
         raise ValueError(f"tile counts disagree: {images_path} has {len(images)}, {labels_path} has {len(labels)}")
+    if not len(images):  # would otherwise give an empty dataset without a word
+        raise ValueError(f"no patches: {images_path} and {labels_path} hold 0 patches; expected at least one")
     if images.shape[1:3] != labels.shape[1:3]:
         raise ValueError(f"image size {images.shape[1:3]} ({images_path}) differs from label size {labels.shape[1:3]} ({labels_path})")
     names = read_patch_names(find_file(raw_dir, "patch_info.csv"), len(images))
@@ -175,6 +177,13 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, protocol: st
                 i = start + j
                 image = as_uint8_rgb(image_block[j], f"{images_path}, index {i}")
                 instances, classes = label_block[j, ..., 0], label_block[j, ..., 1]
+                # Signed labels: a negative id would wrap to a large class id or be taken for background.
+                if instances.size and instances.min() < 0:
+                    raise ValueError(f"{labels_path}, index {i}: negative instance id {int(instances.min())}; "
+                                     "expected 0 (background) or a positive cell id")
+                if classes.size and classes.min() < 0:
+                    raise ValueError(f"{labels_path}, index {i}: negative class id {int(classes.min())}; "
+                                     f"expected 0 (background) to {len(CLASS_NAMES)} ({', '.join(CLASS_NAMES)})")
                 if classes.size and classes.max() > len(CLASS_NAMES):
                     raise ValueError(f"{labels_path}, index {i}: unknown class id {int(classes.max())}; "
                                      f"expected 0 (background) to {len(CLASS_NAMES)} ({', '.join(CLASS_NAMES)})")

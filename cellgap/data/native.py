@@ -21,6 +21,7 @@ from skimage.segmentation import relabel_sequential
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz")
+MAX_FLOAT_ID = 2**53  # largest id a float label map can hold with every smaller whole number exact
 
 
 # --------------------------------------------------------------------------------------------- npy
@@ -53,6 +54,9 @@ def open_npy(path: str | os.PathLike, what: str, ndim: int | None = None, last_d
     if actual < expected:
         raise ValueError(f"{path}: truncated .npy file: its header promises shape {shape} {dtype} "
                          f"({expected} bytes) but the file has {actual} bytes; download or copy it again")
+    if actual > expected:  # np.save writes exactly the header's size; more means a wrong header or a damaged copy
+        raise ValueError(f"{path}: {actual - expected} extra bytes after the data its header promises (shape {shape} "
+                         f"{dtype}, {expected} bytes); expected a file of exactly {expected} bytes; download or copy it again")
     if ndim is not None and len(shape) != ndim:
         raise ValueError(f"{path}: expected {what}, got shape {shape}")
     if last_dim is not None and (not shape or shape[-1] != last_dim):
@@ -93,6 +97,11 @@ def as_uint8_rgb(block: np.ndarray, where: str) -> np.ndarray:
         lo, hi = (block.min(), block.max()) if block.size else (0, 0)
         if lo < 0 or hi > 255:
             raise ValueError(f"{where}: image values span {lo}..{hi}; expected RGB values 0..255 (uint8 or float)")
+        # Judged per call (one tile) on max > 0: an all-black tile stays valid, while a real 0..255 tile
+        # whose brightest pixel is ≤ 1 is implausible, so this means the file was scaled to 0..1.
+        if np.issubdtype(block.dtype, np.floating) and 0 < hi <= 1:
+            raise ValueError(f"{where}: image values span {lo}..{hi}, i.e. scaled to 0..1; expected RGB values 0..255 "
+                             "(multiply images scaled to 0..1 by 255)")
         return np.rint(block).astype(np.uint8) if np.issubdtype(block.dtype, np.floating) else block.astype(np.uint8)
     raise ValueError(f"{where}: image has dtype {block.dtype}; expected uint8 or float RGB values 0..255")
 
@@ -105,6 +114,13 @@ def as_integer_labels(block: np.ndarray, where: str) -> np.ndarray:
         if not np.all(np.isfinite(block)) or np.any(block != np.floor(block)):
             raise ValueError(f"{where}: label values are not whole numbers (dtype {block.dtype}); "
                              "expected integer instance ids (0 = background)")
+        # Range before the cast: int64 would wrap (1e20 -> -2^63), and beyond 2^53 floats skip whole numbers.
+        lo, hi = (float(block.min()), float(block.max())) if block.size else (0.0, 0.0)
+        if lo < 0:
+            raise ValueError(f"{where}: negative label value {lo:g}; expected ids ≥ 0 (0 = background)")
+        if hi > MAX_FLOAT_ID:
+            raise ValueError(f"{where}: label value {hi:g} is too large; expected ids 0..{MAX_FLOAT_ID} (2^53, the "
+                             f"largest whole number a float holds exactly) in a {block.dtype} label map")
         out = block.astype(np.int64)
     else:
         raise ValueError(f"{where}: labels have dtype {block.dtype}; expected integer instance ids (0 = background)")
@@ -166,7 +182,7 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: label file missing")
+        raise FileNotFoundError(f"{path}: file missing; expected a label map (instance or class ids; TIFF, PNG or NIfTI)")
     name = path.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):

@@ -163,6 +163,9 @@ def open_fold(raw_dir: str | os.PathLike, fold: int) -> dict:
     if len(set(counts.values())) != 1:
         raise ValueError(f"fold {fold}: tile counts disagree: {files['images']} has {counts['images']}, "
                          f"{files['masks']} has {counts['masks']}, {files['types']} has {counts['types']}")
+    if not counts["images"]:  # an empty fold would silently leave its split empty
+        raise ValueError(f"fold {fold}: no tiles: {files['images']}, {files['masks']} and {files['types']} hold 0 tiles; "
+                         "expected at least one tile per fold; download or extract the fold again")
     if images.shape[1:3] != masks.shape[1:3]:
         raise ValueError(f"fold {fold}: image size {images.shape[1:3]} ({files['images']}) differs from mask size "
                          f"{masks.shape[1:3]} ({files['masks']})")
