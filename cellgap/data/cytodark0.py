@@ -152,21 +152,42 @@ def read_area_table(path: str | os.PathLike) -> dict[str, str]:
         area = header.get("area")
         if key is None or area is None:
             raise ValueError(f"{path}: expected columns 'name' (or 'id') and 'area', got {reader.fieldnames}")
-        return {row[key].strip(): row[area].strip() for row in reader}
+        table: dict[str, str] = {}
+        first_row: dict[str, int] = {}
+        for line, row in enumerate(reader, start=2):
+            cells = {}
+            for column, what in ((key, "an image name or number"), (area, "a brain area name")):
+                value = row[column]
+                if value is None:  # the row ends before this column
+                    raise ValueError(f"{path}, row {line}: no {column!r} cell; expected {what}")
+                if not value.strip():
+                    raise ValueError(f"{path}, row {line}: empty {column!r}; expected {what}")
+                cells[column] = value.strip()
+            name, value = cells[key], cells[area]
+            if name in table and table[name] != value:
+                raise ValueError(f"{path}, row {line}: {name!r} listed with two areas "
+                                 f"({table[name]!r} on row {first_row[name]}, {value!r})")
+            table[name] = value
+            first_row.setdefault(name, line)
+        return table
 
 
-def _area(name: str, table: dict[str, str] | None, where: str) -> tuple[int | None, str]:
+def _area(name: str, table: dict[str, str] | None, where: str, metadata: str | os.PathLike | None = None) -> tuple[int | None, str]:
     number = image_number(name)
     if table:
         for key in (name, str(number) if number is not None else None):
             if key is not None and key in table:
                 return number, table[key]
+    # A metadata CSV was given but does not list this image: say so instead of asking for one.
+    fix = (f"add a row {name},<area> to {metadata}" if metadata is not None
+           else "pass metadata= a CSV with columns name,area")
+    unlisted = f"not listed in {metadata} (by name or image number) and " if metadata is not None else ""
     if number is None:
-        raise ValueError(f"{where}: cannot read an image number from the name {name!r} (expected e.g. 'ID05_...'); "
-                         "pass metadata= a CSV with columns name,area")
+        raise ValueError(f"{where}: {unlisted}cannot read an image number from the name {name!r} "
+                         f"(expected e.g. 'ID05_...'); {fix}")
     area = area_of_number(number)
     if area is None:
-        raise ValueError(f"{where}: image number {number} is outside the known CytoDArk0 ids 1–69; pass metadata= a CSV with columns name,area")
+        raise ValueError(f"{where}: {unlisted}image number {number} is outside the known CytoDArk0 ids 1–69; {fix}")
     return number, area
 
 
@@ -189,6 +210,11 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, magnificatio
     image_paths = sorted(p for p in (tier / "image").iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff"))
     if not image_paths:
         raise FileNotFoundError(f"{tier / 'image'}: no images (.png/.tif)")
+    by_stem: dict[str, Path] = {}
+    for path in image_paths:  # one tile id per name: ID01.png next to ID01.tif is ambiguous
+        if path.stem in by_stem:
+            raise ValueError(f"{tier / 'image'}: two images for {path.stem!r}: {by_stem[path.stem].name} and {path.name}; keep one")
+        by_stem[path.stem] = path
     label_dir = tier / "label"
     names, label_paths, numbers, areas = [], [], [], []
     table = read_area_table(metadata) if metadata is not None else None
@@ -197,7 +223,7 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, magnificatio
         label = next((c for c in candidates if c.is_file()), None)
         if label is None:
             raise FileNotFoundError(f"{path}: no instance map {label_dir / (path.stem + '.tiff')}")
-        number, area = _area(path.stem, table, str(path))
+        number, area = _area(path.stem, table, str(path), metadata)
         names.append(path.stem)
         label_paths.append(label)
         numbers.append(number)

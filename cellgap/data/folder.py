@@ -7,7 +7,8 @@
                                                 ``instance_id,class`` (1..C) or ``instance_id,class_name``
     <raw>/split.csv                             optional: ``id,split[,tissue]`` (train/val/test)
     <raw>/cellgap.json                          optional facts: name, class_names, magnification, mpp,
-                                                min_cell_size, empty_policy (arguments override it)
+                                                min_cell_size, empty_policy, tissue_label, description
+                                                (checked by type; arguments override it)
 
 Without ``classes/`` the dataset has one class.  Without a split file a seeded split is generated
 (the CISCA procedure: 80/20 then 90/10, stratified by tissue when a tissue is given).  Images
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +59,60 @@ def _files_by_name(folder: Path, suffixes: Sequence[str], what: str) -> dict[str
     return out
 
 
+FACTS = {  # field of cellgap.json / argument of dataset_info -> what a valid value is
+    "name": "a non-empty name",
+    "class_names": 'a list of distinct, non-empty class names such as ["tumour", "immune"]',
+    "magnification": "a positive number such as 20 or 40",
+    "mpp": "a positive pixel size in µm/pixel such as 0.25",
+    "min_cell_size": "a whole number of pixels ≥ 1, or null for the magnification's default",
+    "empty_policy": f"one of {list(EMPTY_POLICIES)}",
+    "tissue_label": 'a non-empty text such as "tissue"',
+    "description": "a text",
+}
+
+
+def _fact(field: str, value):
+    """``value`` of dataset fact ``field``, normalised ('40x' -> 40.0, 50.0 -> 50); ValueError if it is not valid."""
+    def positive(v) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if value is None and field in ("class_names", "magnification", "mpp", "min_cell_size"):
+        return None  # not given: the default, or derived from the other of magnification/mpp
+    if field == "magnification" and isinstance(value, str):
+        try:
+            value = float(value.strip().lower().rstrip("x"))
+        except ValueError:
+            pass
+    if field == "min_cell_size" and isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    if field == "class_names":
+        ok = (isinstance(value, (list, tuple)) and len(value) > 0
+              and all(isinstance(n, str) and n.strip() for n in value) and len(set(value)) == len(value))
+    elif field in ("magnification", "mpp"):
+        ok = positive(value)
+    elif field == "min_cell_size":
+        ok = positive(value) and isinstance(value, (int, np.integer))
+    elif field == "empty_policy":
+        ok = value in EMPTY_POLICIES
+    elif field == "description":
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, str) and bool(value.strip())
+    if not ok:
+        raise ValueError(FACTS[field])
+    return tuple(value) if field == "class_names" else value
+
+
+def _unsupported_namesake(folder: Path, name: str, suffixes: Sequence[str], what: str) -> None:
+    """Raise if ``folder`` holds ``name`` in a format that is not read (e.g. a .jpg image), the likely
+    reason why the file seems missing."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and strip_suffix(path.name) == name and not path.name.lower().endswith(tuple(suffixes)):
+            *rest, last = suffixes
+            raise ValueError(f"{path}: {what} format {path.name[len(name):]!r} is not supported; expected "
+                             f"{', '.join(rest)} or {last} (convert it)")
+
+
 def read_config(raw_dir: Path, overrides: dict) -> dict:
     """Facts from ``<raw>/cellgap.json`` (if present) updated by explicit arguments that are not None."""
     path = raw_dir / CONFIG
@@ -68,10 +124,15 @@ def read_config(raw_dir: Path, overrides: dict) -> dict:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a JSON object with class_names, magnification or mpp, ...")
-        known = {"name", "class_names", "magnification", "mpp", "min_cell_size", "empty_policy", "tissue_label", "description"}
-        unknown = set(config) - known
+        unknown = set(config) - set(FACTS)
         if unknown:
-            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; expected some of {sorted(known)}")
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; expected some of {sorted(FACTS)}")
+        # Checked here so that the error names the file (dataset_info checks arguments again).
+        for field, value in config.items():
+            try:
+                config[field] = _fact(field, value)
+            except ValueError as e:
+                raise ValueError(f"{path}: field {field!r} is {value!r}; expected {e}") from None
     given = {k: v for k, v in overrides.items() if v is not None}
     # Magnification and pixel size describe one fact: an argument for one replaces the file's pair.
     if ("magnification" in given) != ("mpp" in given):
@@ -85,29 +146,26 @@ def dataset_info(class_names: Sequence[str] | None = None, magnification: float 
                  tissue_label: str = "tissue", description: str = "") -> DatasetInfo:
     """Facts of a user folder.  Give ``magnification`` or ``mpp`` (or both); the other is derived
     with the usual 40x ≈ 0.25 µm/px convention."""
-    class_names = tuple(class_names or DEFAULT_CLASS_NAMES)
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"class_names: names must be distinct, got {list(class_names)}")
+    facts = {"name": name, "class_names": class_names, "magnification": magnification, "mpp": mpp,
+             "min_cell_size": min_cell_size, "empty_policy": empty_policy, "tissue_label": tissue_label,
+             "description": description}
+    for field, value in facts.items():
+        try:
+            facts[field] = _fact(field, value)
+        except ValueError as e:
+            raise ValueError(f"{field}: got {value!r}; expected {e}") from None
+    magnification, mpp = facts["magnification"], facts["mpp"]
     if magnification is None and mpp is None:
         raise ValueError("magnification or mpp: give at least one (e.g. magnification=40 or mpp=0.25), "
                          f"as an argument or in {CONFIG}; they set cell sizes and detection radii")
-    if magnification is not None:
-        try:
-            magnification = float(str(magnification).lower().rstrip("x"))
-        except ValueError:
-            raise ValueError(f"magnification: expected a number such as 20 or 40, got {magnification!r}") from None
-    if mpp is not None and not (isinstance(mpp, (int, float)) and mpp > 0):
-        raise ValueError(f"mpp: expected a positive pixel size in µm/pixel, got {mpp!r}")
     if mpp is None:
         mpp = 10.0 / magnification
     if magnification is None:
         magnification = 10.0 / mpp
-    if empty_policy not in EMPTY_POLICIES:
-        raise ValueError(f"empty_policy: expected one of {EMPTY_POLICIES}, got {empty_policy!r}")
-    mag = int(round(magnification))
-    return DatasetInfo(name=name, class_names=class_names, magnification=mag, mpp=float(mpp), min_cell_size=min_cell_size,
-                       empty_policy=empty_policy, tissue_label=tissue_label, description=description or "user folder",
-                       extra={"protocol": "given", "protocols": {}})
+    return DatasetInfo(name=facts["name"], class_names=facts["class_names"] or DEFAULT_CLASS_NAMES,
+                       magnification=int(round(magnification)), mpp=float(mpp), min_cell_size=facts["min_cell_size"],
+                       empty_policy=facts["empty_policy"], tissue_label=facts["tissue_label"],
+                       description=facts["description"] or "user folder", extra={"protocol": "given", "protocols": {}})
 
 
 def _classes_from_csv(path: Path, label: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
@@ -184,11 +242,14 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names:
         raise ValueError(f"{class_dir}: class files given but no class names; set class_names (argument or {CONFIG})")
     for kind, files in (("label map", labels), ("class file", class_files or {})):
         orphans = sorted(set(files) - set(images))
+        for n in orphans:
+            _unsupported_namesake(raw_dir / "images", n, IMAGE_SUFFIXES, "image")
         if orphans:
             raise ValueError(f"{raw_dir}: {kind}(s) without an image: {orphans[:5]}")
     names = sorted(images)
     for n in names:
         if n not in labels:
+            _unsupported_namesake(raw_dir / "labels", n, LABEL_SUFFIXES, "label")
             raise FileNotFoundError(f"{images[n]}: no label map {raw_dir / 'labels' / n}.tif (or .tiff/.png/.nii.gz)")
         if class_files is not None and n not in class_files:
             raise FileNotFoundError(f"{images[n]}: no class file {class_dir / n}.tif (or .png/.csv)")
