@@ -173,6 +173,8 @@ def train_config(spec: EncoderSpec) -> dict:
                 {"_target_": "SelectItemsd", "keys": "$['image', 'contour_target', 'distance_target', 'weight_mask', "
                                                      "'type_target'] + (list(cellgap.cache.CACHE_KEYS) if @embedding_cache "
                                                      "is not None else [])"},
+                # half the bytes through the workers' shared memory; PrepareCISCABatch restores float32 on the device
+                {"_target_": "CastToTyped", "keys": "$list(cellgap.training.HALF_PRECISION_KEYS)", "dtype": "$torch.float16"},
             ]},
             "dataset": {"_target_": "CacheDataset", "data": "@train#datalist", "transform": "@train#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},

@@ -190,6 +190,22 @@ def test_training_with_the_photometric_steps_on_the_device(tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
+def test_training_batches_travel_in_half_precision_and_train_in_float32(tmp_path):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser.update(_common(tmp_path, batch_size=2))
+    parser.get_parsed_content("initialize")
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    dtypes = {k: v.dtype for k, v in batch.items()}
+    assert dtypes == {"image": torch.float16, "distance_target": torch.float16, "weight_mask": torch.float32,
+                      "contour_target": torch.uint8, "type_target": torch.uint8}
+    image, targets = parser.get_parsed_content("train_prepare_batch")(batch, torch.device("cpu"))
+    assert image.dtype == targets["distance_target"].dtype == targets["weight_mask"].dtype == torch.float32
+    assert targets["contour_target"].dtype == targets["type_target"].dtype == torch.uint8
+    assert torch.equal(image, batch["image"].float()) and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(targets["distance_target"], batch["distance_target"].float())
+
+
 def test_photometric_steps_on_the_device_need_cache_mode_off(tmp_path):
     overrides = _common(tmp_path, photometric_on_device=True, cache_mode="clean", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(Exception) as info:
