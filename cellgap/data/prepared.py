@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -64,10 +65,10 @@ class DatasetInfo:
             raise problem(f"class_names must be distinct non-empty names, got {list(names)!r}")
         for field_name in ("magnification", "mpp"):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
                 raise problem(f"{field_name} must be a positive number, got {value!r}")
         size = self.min_cell_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
             raise problem(f"min_cell_size must be a whole number of pixels ≥ 1 (or null for the default), got {size!r}")
         if self.empty_policy not in EMPTY_POLICIES:
             raise problem(f"empty_policy must be one of {EMPTY_POLICIES}, got {self.empty_policy!r}")
