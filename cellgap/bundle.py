@@ -183,7 +183,7 @@ def train_config(spec: EncoderSpec) -> dict:
                        "@dataset, {})) if @balanced_sampling else None",
             "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                            "shuffle": "$@train#sampler is None", "sampler": "@train#sampler",
-                           "num_workers": "@num_workers", "drop_last": True},
+                           "num_workers": "@num_workers", "drop_last": True, "pin_memory": "$@device.type == 'cuda'"},
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": [
                 {"_target_": "cellgap.training.DataWait"},  # first: its epoch time ends before validation
@@ -217,7 +217,7 @@ def train_config(spec: EncoderSpec) -> dict:
             "dataset": {"_target_": "CacheDataset", "data": "@validate#datalist", "transform": "@validate#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
             "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@validate#dataset", "batch_size": "@val_batch_size",
-                           "shuffle": False, "num_workers": "@num_workers"},
+                           "shuffle": False, "num_workers": "@num_workers", "pin_memory": "$@device.type == 'cuda'"},
             "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ["@tile_size", "@tile_size"],
                         "sw_batch_size": "@sw_batch_size", "overlap": 0.25, "mode": "gaussian", "padding_mode": "reflect"},
             "postprocessing": _postprocessing([

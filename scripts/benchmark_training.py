@@ -203,7 +203,6 @@ def bundle_parser(key: str, args: argparse.Namespace, device: torch.device, work
         "embedding_cache": None,  # what cache_mode "off" gives; spares the loader's parse a CPU build of the network
         "batch_size": batch,
         "num_workers": workers,
-        "train#dataloader#pin_memory": device.type == "cuda",
         # the 32 tiles on disk, cycled: one pass of the loader covers the warm-up and the timed steps
         "train#datalist": f"$@data.datalist(@train_split) * {repeats}",
     })

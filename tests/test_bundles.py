@@ -206,6 +206,15 @@ def test_training_batches_travel_in_half_precision_and_train_in_float32(tmp_path
     assert torch.equal(targets["distance_target"], batch["distance_target"].float())
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_loaders_pin_memory_for_a_gpu(tmp_path, device):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser.update(_common(tmp_path, device=f"$torch.device('{device}')"))  # no CUDA call: the loaders are only built
+    for loader in ("train#dataloader", "validate#dataloader"):
+        assert parser.get_parsed_content(loader).pin_memory == (device == "cuda"), loader
+
+
 def test_photometric_steps_on_the_device_need_cache_mode_off(tmp_path):
     overrides = _common(tmp_path, photometric_on_device=True, cache_mode="clean", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(Exception) as info:
