@@ -471,6 +471,9 @@ Adam (AMSGrad), learning rate 5e-4, batch 4, ReduceLROnPlateau (×0.5, patience 
 (contour CCE + Dice, distance MAE + MSGE, type CE + Tversky), METHOD.md §7 augmentation, targets recomputed
 after augmentation. GPU: bf16 autocast. Checkpoints (`models/model.pt`) hold the decoder only, plus the
 encoder, classes and magnification they were trained for.
+Monitoring: `tensorboard --logdir runs` shows the training loss, learning rate, validation metrics and
+overlays, and `data_wait_share`, the share of each epoch the loop waited for data. On a GPU above 10 % a
+warning suggests more `--num_workers`, a packed dataset (`prepare_data.py --pack`) or `--photometric_on_device true`.
 
 ## Input
 RGB tiles scaled to [0, 1]; any size at inference (sliding window of 256², Gaussian blending).
