@@ -167,13 +167,15 @@ def train_config(spec: EncoderSpec) -> dict:
                 "$@view_spec.augmentation_transform(photometric=not @photometric_on_device)",
                 {"_target_": "cellgap.targets.CISCATargetsd", "magnification": "@magnification",
                  "num_contour_classes": "@num_contour_classes", "num_classes": "@num_classes"},
+                # an 8-bit image (as the reference's augmentations keep it): half the bytes of float16 through the
+                # workers' shared memory; PrepareCISCABatch scales it to 0..1 on the device
                 {"_target_": "cellgap.data.augmentation.ClipIntensityd", "keys": "image", "low": 0.0, "high": 255.0,
-                 "out_range": [0.0, 1.0], "_disabled_": "@photometric_on_device"},
+                 "dtype": "uint8"},
                 "$cellgap.cache.CachedFeaturesd(@embedding_cache) if @embedding_cache is not None else monai.transforms.Identityd('image')",
                 {"_target_": "SelectItemsd", "keys": "$['image', 'contour_target', 'distance_target', 'weight_mask', "
                                                      "'type_target'] + (list(cellgap.cache.CACHE_KEYS) if @embedding_cache "
                                                      "is not None else [])"},
-                # half the bytes through the workers' shared memory; PrepareCISCABatch restores float32 on the device
+                # half the bytes of float32; PrepareCISCABatch restores float32 on the device
                 {"_target_": "CastToTyped", "keys": "$list(cellgap.training.HALF_PRECISION_KEYS)", "dtype": "$torch.float16"},
             ]},
             "dataset": {"_target_": "CacheDataset", "data": "@train#datalist", "transform": "@train#preprocessing",

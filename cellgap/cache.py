@@ -58,7 +58,7 @@ from .atomic import atomic_write_text, jsonable
 from .data.augmentation import INTENSITY_MAX, ClipIntensityd, cisca_augmentations
 from .data.dataloader import ForkSafeDataLoader
 from .data.loading import LoadTiled
-from .training import PrepareCISCABatch
+from .training import PrepareCISCABatch, scaled_image
 
 try:  # POSIX; elsewhere concurrent fills of one cache are not serialised
     import fcntl
@@ -614,11 +614,12 @@ def bytes_per_row(geometry: Sequence[Sequence[int]], dtype: str = "float16") -> 
 
 
 def default_fill_transform(view_spec: ViewSpec, num_classes: int | None = None) -> Compose:
-    """Load → the view's augmentation → scale to [0, 1]: the training pipeline's image, without targets."""
+    """Load → the view's augmentation → 8-bit image: the training pipeline's image, without targets
+    (:func:`fill_cache` scales it to 0..1 on the encoder's device, as ``PrepareCISCABatch`` does in training)."""
     return Compose([
         LoadTiled(num_classes=num_classes),  # labels too: the augmentation moves them and checks them
         view_spec.augmentation_transform(),
-        ClipIntensityd("image", 0.0, INTENSITY_MAX, out_range=(0.0, 1.0)),
+        ClipIntensityd("image", 0.0, INTENSITY_MAX, dtype="uint8"),
         SelectItemsd(["image", "cache_row"]),
     ])
 
@@ -638,8 +639,8 @@ def fill_cache(encoder: nn.Module, datalist: Sequence[Mapping], cache: Embedding
         encoder: the frozen encoder (``network.encoder``); it runs under ``torch.no_grad()`` and, on CUDA,
             bf16 autocast.  Its device is used unless ``device`` is given.
         datalist: items with ``id`` and the file paths (``image``, ``label``, ``classes``) of every cached tile.
-        transform: the pipeline from a datalist item (plus ``view`` and ``cache_row``) to the scaled ``image``;
-            default :func:`default_fill_transform`, i.e. exactly the training pipeline's image.
+        transform: the pipeline from a datalist item (plus ``view`` and ``cache_row``) to the ``image`` (uint8 in
+            0..255 or float in 0..1); default :func:`default_fill_transform`, i.e. exactly the training pipeline's image.
         verify: first check the complete rows' checksums; corrupted ones are recomputed.
         max_rows: compute at most this many rows now (the rest on a later call).
     Returns ``{"rows", "reused", "computed", "corrupted", "remaining"}``.  Resumable: rows are flagged
@@ -680,7 +681,7 @@ def fill_cache(encoder: nn.Module, datalist: Sequence[Mapping], cache: Embedding
             with torch.no_grad(), tqdm(total=len(jobs), desc=f"embedding cache {cache.path.name}", unit="tile",
                                        disable=not progress or not jobs) as bar:
                 for batch in loader:
-                    image = torch.as_tensor(batch["image"]).to(device)
+                    image = scaled_image(torch.as_tensor(batch["image"]).to(device))
                     if tuple(image.shape[-2:]) != cache.input_size:
                         raise ValueError(f"tiles {[cache.row_key(int(r))[0] for r in batch['cache_row'][:3]]}: images are "
                                          f"{tuple(image.shape[-2:])} after the view transform; this cache is for "

@@ -18,10 +18,10 @@ from monai.engines.utils import IterationEvents
 from .data.augmentation import INTENSITY_MAX
 
 TARGET_KEYS = ("contour_target", "distance_target", "weight_mask", "type_target")
-# Sent from the bundles' loader workers as float16: a batch's bytes are page-faulted into fresh shared memory by
-# the worker and again by the trainer, and halving these two keys saves 0.3–0.5 ms of a worker's ≈8 ms per 256²
-# tile (docs/benchmarks.md). The relative rounding, ≤ 2.4e-4, is far below that of the bf16 the network computes in.
-HALF_PRECISION_KEYS = ("image", "distance_target")
+# A batch's bytes are page-faulted into fresh shared memory by the loader worker and again by the trainer
+# (≈1 ms per 256² tile, docs/benchmarks.md), so the bundles' workers send these targets as float16 (relative
+# rounding ≤ 2.4e-4, far below that of the bf16 the network computes in) and the image as 8-bit 0..255.
+HALF_PRECISION_KEYS = ("distance_target", "weight_mask")
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +38,9 @@ class PrepareCISCABatch(PrepareBatch):
     ``photometric_on_device``).
 
     Floating-point image and targets come out as float32 whatever they travelled as (the bundles' training
-    loader sends :data:`HALF_PRECISION_KEYS` as float16).
+    loader sends :data:`HALF_PRECISION_KEYS` as float16). A uint8 image is an 8-bit image in 0..255 (the
+    bundles' training loader sends it so) and comes out as float32 in 0..1; a floating-point image is taken
+    as it is, in 0..1 (0..255 when ``photometric`` is given).
     """
 
     def __init__(self, photometric: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -47,13 +49,22 @@ class PrepareCISCABatch(PrepareBatch):
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         if "image" not in batchdata:
             raise KeyError(f"batch has no 'image'; keys: {sorted(batchdata)}")
-        image = _float32(batchdata["image"].to(device=device, non_blocking=non_blocking))
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking)
         if self.photometric is not None:
-            image = self.photometric(image) / INTENSITY_MAX
+            image = self.photometric(image.float()) / INTENSITY_MAX
+        else:
+            image = scaled_image(image)
         targets = {k: _float32(batchdata[k].to(device=device, non_blocking=non_blocking)) for k in TARGET_KEYS if k in batchdata}
         if targets:
             return image, targets
         return image, batchdata.get("label")
+
+
+def scaled_image(image: torch.Tensor) -> torch.Tensor:
+    """A float32 image in 0..1: an 8-bit (uint8) image is divided by 255, a floating-point one taken as it is."""
+    if image.dtype == torch.uint8:
+        return image.float() / INTENSITY_MAX
+    return image.float()
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:

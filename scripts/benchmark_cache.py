@@ -64,7 +64,7 @@ def build_samples(root: Path, tiles: int, size: int) -> list[dict]:
     spec = ViewSpec("clean", augmentation={"crop_size": size})
     pipeline = Compose([LoadTiled(num_classes=NUM_CLASSES), spec.augmentation_transform(),
                         CISCATargetsd(magnification=40, num_classes=NUM_CLASSES),
-                        ClipIntensityd("image", 0.0, 255.0, out_range=(0.0, 1.0)),
+                        ClipIntensityd("image", 0.0, 255.0, dtype="uint8"),
                         SelectItemsd(["id", "view", "image", *TARGET_KEYS])])
     return data, [pipeline(item) for item in data]
 

@@ -1,4 +1,4 @@
-"""Throughput of the training data pipeline on one CPU core: load + augment + targets + scaling.
+"""Throughput of the training data pipeline on one CPU core: load + augment + targets + 8-bit image.
 
     python scripts/benchmark_data_pipeline.py --tiles 32 --repeats 5
 
@@ -11,9 +11,10 @@ times, per tile, on one thread and without workers:
   dataset's packed copy (``cellgap.data.packed``: uncompressed, memory-mapped, levels stored);
 * augment — ``cisca_augmentations`` on tiles already in memory (levels moved along), with a per-step profile;
 * targets — ``cellgap.targets.CISCATargetsd`` on augmented tiles, with the moved levels and recomputing them;
-* full — load + augment + targets + scaling to 0..1, as a training data loader runs it (files, packed);
+* full — load + augment + targets + the image rounded to 8 bits, as the bundles' training loaders run it
+  (files, packed), and the same in a DataLoader worker process, batches collated into shared memory;
 * loader share with ``photometric_on_device`` — load + the spatial steps + targets (the photometric steps
-  and the scaling run on the training batch instead), and that batch step's own cost per tile on this CPU
+  run on the training batch instead), and that batch step's own cost per tile on this CPU
   and, when there is one, on the CUDA device;
 * cached tiles — the same without loading, as with a CacheDataset that keeps the loaded tiles.
 
@@ -39,8 +40,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from monai.data import set_track_meta  # noqa: E402
-from monai.transforms import Compose, OneOf  # noqa: E402
+from monai.data import DataLoader, Dataset, set_track_meta  # noqa: E402
+from monai.transforms import CastToTyped, Compose, OneOf, SelectItemsd  # noqa: E402
 
 from cellgap.data.augmentation import ClipIntensityd, cisca_augmentations  # noqa: E402
 from cellgap.data.device_augmentation import BatchPhotometricAugmentation  # noqa: E402
@@ -49,6 +50,7 @@ from cellgap.data.packed import pack_dataset  # noqa: E402
 from cellgap.data.prepared import PreparedWriter, datalist  # noqa: E402
 from cellgap.data.synthetic import generate_tile, synthetic_info  # noqa: E402
 from cellgap.targets import CONTOUR_LEVELS_KEY, CISCATargetsd, ContourLevelsd  # noqa: E402
+from cellgap.training import HALF_PRECISION_KEYS, TARGET_KEYS  # noqa: E402
 
 TARGET_TILES_PER_S = 150  # issue #4: load + augment + targets per CPU core
 
@@ -84,6 +86,24 @@ def timed(function, items: list, passes: int) -> tuple[float, float, float]:
         walls.append((time.perf_counter() - wall) / len(items) * 1e3)
         cpus.append((time.process_time() - cpu) / len(items) * 1e3)
     return float(np.median(walls)), float(np.median(cpus)), min(cpus)
+
+
+def worker_timed(transform, items: list, passes: int, samples: int = 64, batch_size: int = 8) -> tuple[float, float, float]:
+    """Milliseconds per tile of a DataLoader worker process, as the bundles' training loaders run it (a fresh
+    worker each epoch, batches collated into shared memory): wall of the epoch and the worker's CPU (from
+    ``os.times`` once it has been joined), median pass and fastest, over ``samples`` tiles (``items`` repeated)."""
+    data = (items * -(-samples // len(items)))[:samples]
+    loader = DataLoader(Dataset(data, transform), batch_size=batch_size, num_workers=1)
+    walls, cpus = [], []
+    for _ in range(passes + 1):  # the first pass warms up the parent's side
+        wall, children = time.perf_counter(), os.times()
+        for _batch in loader:
+            pass
+        after = os.times()
+        walls.append((time.perf_counter() - wall) / samples * 1e3)
+        cpus.append((after.children_user + after.children_system - children.children_user - children.children_system)
+                    / samples * 1e3)
+    return float(np.median(walls[1:])), float(np.median(cpus[1:])), min(cpus[1:])
 
 
 def step_name(transform) -> str:
@@ -162,7 +182,8 @@ def main() -> None:
         load = Compose([LoadTiled(keys, num_classes=num_classes, packed=False), ContourLevelsd(magnification=args.magnification)])
         load_packed = Compose([LoadTiled(keys, num_classes=num_classes), ContourLevelsd(magnification=args.magnification)])
         targets = CISCATargetsd(magnification=args.magnification)
-        scale = ClipIntensityd("image", 0.0, 255.0, out_range=(0.0, 1.0))  # as the bundles' train.json
+        eight_bit = ClipIntensityd("image", 0.0, 255.0, dtype="uint8")  # as the bundles' train.json
+        transport = [SelectItemsd(("image", *TARGET_KEYS)), CastToTyped(HALF_PRECISION_KEYS, dtype=torch.float16)]
         rows = ["| stage | wall ms/tile | CPU ms/tile | CPU ms/tile, fastest pass | tiles/s per core (CPU) |",
                 "|---|---|---|---|---|"]
         profiles, batches, verdicts = {}, [], []
@@ -172,26 +193,28 @@ def main() -> None:
             for name, items in sets.items():
                 steps = cisca_augmentations(stain_stats=args.stain, crop_size=256)
                 augment = Compose(steps).set_random_state(args.seed)
-                full = Compose([load, *steps, targets, scale]).set_random_state(args.seed)
-                full_packed = Compose([load_packed, *steps, targets, scale]).set_random_state(args.seed)
+                full = Compose([load, *steps, targets, eight_bit]).set_random_state(args.seed)
+                full_packed = Compose([load_packed, *steps, targets, eight_bit]).set_random_state(args.seed)
                 load_augment = Compose([load_packed, *steps]).set_random_state(args.seed)
-                cached = Compose([*steps, targets, scale]).set_random_state(args.seed)
+                cached = Compose([*steps, targets, eight_bit]).set_random_state(args.seed)
                 # Rows that read the dataset first, while this process holds no decoded tiles, as a loader
                 # worker: holding the in-memory copies below (≈150 MB of 2048² tiles) slowed them by ≈20 %.
                 rows.append(report(f"{name}, {meta}: load (files) + contour levels computed", *timed(load, items, args.repeats)))
                 rows.append(report(f"{name}, {meta}: load (packed) + contour levels read", *timed(load_packed, items, args.repeats)))
                 rows.append(report(f"{name}, {meta}: load (packed) + augment", *timed(load_augment, items, args.repeats)))
-                rows.append(report(f"{name}, {meta}: **full** (load files+augment+targets+scale)",
+                rows.append(report(f"{name}, {meta}: **full** (load files+augment+targets+8-bit)",
                                    *timed(full, items, args.repeats)))
                 full_packed_times = timed(full_packed, items, args.repeats)
-                rows.append(report(f"{name}, {meta}: **full** (load packed+augment+targets+scale)", *full_packed_times))
+                rows.append(report(f"{name}, {meta}: **full** (load packed+augment+targets+8-bit)", *full_packed_times))
                 if not track_meta:  # the bundles' setting: the figure the target is about
                     verdicts.append(verdict(name, *full_packed_times[1:]))
-                if not track_meta:
+                    worker = Compose([load_packed, *steps, targets, eight_bit, *transport]).set_random_state(args.seed)
+                    rows.append(report(f"{name}, {meta}: full, in a DataLoader worker (batches of 8 collated into shared "
+                                       "memory as the bundles send them; the worker's CPU)", *worker_timed(worker, items, args.repeats)))
                     spatial = cisca_augmentations(stain_stats=args.stain, crop_size=256, photometric=False)
-                    loader_share = Compose([load_packed, *spatial, targets]).set_random_state(args.seed)
+                    loader_share = Compose([load_packed, *spatial, targets, eight_bit]).set_random_state(args.seed)
                     rows.append(report(f"{name}, {meta}: **loader share, photometric steps on the device** "
-                                       "(load packed+spatial steps+targets)", *timed(loader_share, items, args.repeats)))
+                                       "(load packed+spatial steps+targets+8-bit)", *timed(loader_share, items, args.repeats)))
                 loaded = [load(item) for item in items]
                 augmented = [augment(sample) for sample in loaded]
                 recompute = [{k: v for k, v in sample.items() if k != CONTOUR_LEVELS_KEY} for sample in augmented]
@@ -199,7 +222,7 @@ def main() -> None:
                 rows.append(report(f"{name}, {meta}: targets (moved contour levels)", *timed(targets, augmented, args.repeats)))
                 rows.append(report(f"{name}, {meta}: targets recomputing the contour levels",
                                    *timed(targets, recompute, args.repeats)))
-                rows.append(report(f"{name}, {meta}: cached tiles (augment+targets+scale)", *timed(cached, loaded, args.repeats)))
+                rows.append(report(f"{name}, {meta}: cached tiles (augment+targets+8-bit)", *timed(cached, loaded, args.repeats)))
                 if not track_meta:
                     profiles[name] = step_profile(cisca_augmentations(stain_stats=args.stain, crop_size=256), loaded,
                                                   args.repeats)

@@ -74,7 +74,7 @@ from cellgap.bundle import train_config
 from cellgap.cache import PrepareCachedCISCABatch
 from cellgap.encoders import DEMO_ENCODER, ENCODERS, get_encoder_spec
 from cellgap.network import network_cost
-from cellgap.training import TARGET_KEYS
+from cellgap.training import TARGET_KEYS, scaled_image
 
 NUM_CLASSES = 5  # PanNuke's C
 # The encoders the issue cares most about first, so that a time budget cuts the least important ones.
@@ -437,7 +437,7 @@ def cache_row(parts: dict, batch: dict, args, clock: Clock, rate: dict) -> dict:
     network = parts["network"]
     b = batch["image"].shape[0]
     with torch.no_grad():
-        features = [f.to(torch.float16) for f in network.forward_features(batch["image"])]
+        features = [f.to(torch.float16) for f in network.forward_features(scaled_image(batch["image"]))]
     cached = {**batch, "features": features, "features_ok": torch.ones(b, dtype=torch.bool)}
     prepare = PrepareCachedCISCABatch(encoder=network.encoder)  # what train_prepare_batch is with cache_mode on
     calls = []

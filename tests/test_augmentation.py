@@ -428,6 +428,25 @@ def test_clip_with_out_range_matches_scale_intensity_range(out_range):
                                                                 b_max=out_range[1], clip=True)(loaded)["image"]))
 
 
+def test_clip_to_uint8_rounds_to_the_nearest_value():
+    image = torch.tensor([[[-3.0, 0.49, 0.5, 1.5, 254.49, 254.5, 300.0, 127.7]]]).expand(3, 1, 8).contiguous()
+    out = ClipIntensityd("image", 0.0, 255.0, dtype="uint8")({"image": image})["image"]
+    assert out.dtype == torch.uint8
+    assert out[0, 0].tolist() == [0, 0, 1, 2, 254, 255, 255, 128]
+    rng = np.random.default_rng(3)
+    image = rng.normal(128, 100, (3, 32, 32)).astype(np.float32)
+    expected = np.floor(np.clip(image, 0, 255) + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(as_numpy(ClipIntensityd("image", dtype="uint8")({"image": image})["image"]), expected)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(dtype="float16"), "dtype: expected 'float32' or 'uint8'"),
+                                           (dict(low=-1.0, dtype="uint8"), "within 0..255"),
+                                           (dict(out_range=(-1.0, 1.0), dtype="uint8"), "within 0..255")])
+def test_clip_dtype_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClipIntensityd("image", **kwargs)
+
+
 @pytest.mark.parametrize("kwargs", [dict(low=0.0, high=0.0, out_range=(0.0, 1.0)), dict(out_range=(1.0, 0.0)),
                                     dict(out_range=(0.0, float("nan")))])
 def test_clip_out_range_errors(kwargs):

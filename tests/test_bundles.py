@@ -17,6 +17,7 @@ from PIL import Image
 from cellgap.bundle import PINNED, bundle_name, render_bundle
 from cellgap.data.device_augmentation import BatchPhotometricAugmentation
 from cellgap.encoders import DEMO_ENCODER, ENCODERS
+from cellgap.targets import BACKGROUND_WEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "bundles" / bundle_name(DEMO_ENCODER)
@@ -184,26 +185,28 @@ def test_training_with_the_photometric_steps_on_the_device(tmp_path):
     steps = [type(t).__name__ for t in preprocessing.transforms]
     augmentation = [type(t).__name__ for t in preprocessing.transforms[2].transforms]
     assert augmentation[-1] == "CastToTyped" and "RandLABStainJitterd" not in augmentation
-    assert "ClipIntensityd" not in steps  # images reach the device in 0..255, scaled after the batch step there
+    clip = preprocessing.transforms[steps.index("ClipIntensityd")]
+    assert (clip.low, clip.high, clip.out_range, clip.dtype) == (0.0, 255.0, None, "uint8")  # 0..255 to the batch step
     assert isinstance(parser.get_parsed_content("train_prepare_batch").photometric, BatchPhotometricAugmentation)
     _quiet_run(["train.json"], epochs=1, epoch_length=2, batch_size=2, val_batch_size=2, **overrides)
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
-def test_training_batches_travel_in_half_precision_and_train_in_float32(tmp_path):
+def test_training_batches_travel_as_8_bit_images_and_half_precision_and_train_in_float32(tmp_path):
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json")])
     parser.update(_common(tmp_path, batch_size=2))
     parser.get_parsed_content("initialize")
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
     dtypes = {k: v.dtype for k, v in batch.items()}
-    assert dtypes == {"image": torch.float16, "distance_target": torch.float16, "weight_mask": torch.float32,
+    assert dtypes == {"image": torch.uint8, "distance_target": torch.float16, "weight_mask": torch.float16,
                       "contour_target": torch.uint8, "type_target": torch.uint8}
     image, targets = parser.get_parsed_content("train_prepare_batch")(batch, torch.device("cpu"))
     assert image.dtype == targets["distance_target"].dtype == targets["weight_mask"].dtype == torch.float32
     assert targets["contour_target"].dtype == targets["type_target"].dtype == torch.uint8
-    assert torch.equal(image, batch["image"].float()) and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(image, batch["image"].float() / 255) and 0 <= image.min() and image.max() <= 1
     assert torch.equal(targets["distance_target"], batch["distance_target"].float())
+    assert set(targets["weight_mask"].unique().tolist()) <= {1.0, float(torch.tensor(BACKGROUND_WEIGHT).half())}
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -78,7 +78,7 @@ def _cache(root, data, spec, dtype="float32", net=None, **kwargs) -> EmbeddingCa
 def _pipeline(spec: ViewSpec, cache: EmbeddingCache | None = None) -> Compose:
     transforms = [LoadTiled(num_classes=NUM_CLASSES), spec.augmentation_transform(),
                   CISCATargetsd(magnification=40, num_classes=NUM_CLASSES),
-                  ClipIntensityd("image", 0.0, 255.0, out_range=(0.0, 1.0))]
+                  ClipIntensityd("image", 0.0, 255.0, dtype="uint8")]
     keys = ["image", *TARGET_KEYS, "view"]
     if cache is not None:
         transforms.append(CachedFeaturesd(cache))

@@ -103,6 +103,18 @@ def test_spatial_only_pipeline_and_its_batch_step():
     assert prepared.dtype == torch.float32 and 0 <= prepared.min() and prepared.max() <= 1
 
 
+def test_prepare_batch_scales_8_bit_images_and_takes_float_ones_as_they_are():
+    eight_bit = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8))
+    targets = {"contour_target": torch.zeros(2, 1, 8, 8, dtype=torch.uint8)}
+    image, _ = PrepareCISCABatch()({"image": eight_bit, **targets})
+    assert image.dtype == torch.float32 and torch.equal(image, eight_bit.float() / 255)
+    scaled = torch.rand(2, 3, 8, 8)
+    assert PrepareCISCABatch()({"image": scaled, **targets})[0] is scaled  # validation batches: already 0..1
+    identity = BatchPhotometricAugmentation(stain_stats=None, prob_scale=0.0, seed=0)  # only the final clip
+    image, _ = PrepareCISCABatch(photometric=identity)({"image": eight_bit, **targets})
+    assert torch.allclose(image, eight_bit.float() / 255)
+
+
 def test_cached_views_cannot_leave_the_photometric_steps_to_the_device():
     with pytest.raises(ValueError, match="cache_mode 'off'"):
         ViewSpec("views", num_views=2).augmentation_transform(photometric=False)
