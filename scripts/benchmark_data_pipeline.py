@@ -165,10 +165,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=_sizes, default=(256, 1024, 2048),
                         help="tile sides of the sets, comma-separated; tiles larger than 256 are read with a 256² crop")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the tiles")
+    parser.add_argument("--worker-tiles", type=int, default=256,
+                        help="tiles per pass of the DataLoader worker rows (0 leaves those rows out)")
     parser.add_argument("--magnification", type=int, default=40)
     parser.add_argument("--stain", default="pannuke", help="stain statistics of the LAB jitter")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.worker_tiles < 0:
+        parser.error(f"--worker-tiles: expected a number of tiles ≥ 0, got {args.worker_tiles}")
     torch.set_num_threads(1)
 
     print(f"machine: {platform.machine()} cpu_count={os.cpu_count()}, torch threads=1, "
@@ -210,9 +214,11 @@ def main() -> None:
                 rows.append(report(f"{name}, {meta}: **full** (load packed+augment+targets+8-bit)", *full_packed_times))
                 if not track_meta:  # the bundles' setting: the figure the target is about
                     verdicts.append(verdict(name, *full_packed_times[1:]))
-                    worker = Compose([load_packed, *steps, targets, eight_bit, *transport]).set_random_state(args.seed)
-                    rows.append(report(f"{name}, {meta}: full, in a DataLoader worker (batches of 8 collated into shared "
-                                       "memory as the bundles send them; the worker's CPU)", *worker_timed(worker, items, args.repeats)))
+                    if args.worker_tiles > 0:
+                        worker = Compose([load_packed, *steps, targets, eight_bit, *transport]).set_random_state(args.seed)
+                        rows.append(report(f"{name}, {meta}: full, in a DataLoader worker (batches of 8 collated into shared "
+                                           "memory as the bundles send them; the worker's CPU)",
+                                           *worker_timed(worker, items, args.repeats, samples=args.worker_tiles)))
                     spatial = cisca_augmentations(stain_stats=args.stain, crop_size=256, photometric=False)
                     loader_share = Compose([load_packed, *spatial, targets, eight_bit]).set_random_state(args.seed)
                     rows.append(report(f"{name}, {meta}: **loader share, photometric steps on the device** "

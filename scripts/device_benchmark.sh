@@ -49,8 +49,8 @@ print('python3', __import__('sys').version.split()[0], 'torch', torch.__version_
 'monai', monai.__version__, 'ignite', ignite.__version__, 'cuda available', torch.cuda.is_available())" || exit 4
 
 # First, while the CPU is idle: the data pipeline on this machine's CPU and the batch photometric step on its
-# GPU (about 1.5 minutes).
-timeout --kill-after=10 150 python3 scripts/benchmark_data_pipeline.py --tiles 24 --repeats 5 \
+# GPU (about 1.5–2 minutes).
+timeout --kill-after=10 150 python3 scripts/benchmark_data_pipeline.py --tiles 24 --repeats 5 --worker-tiles 128 \
     2>&1 | grep -v "packing" | tee "$OUT/benchmark_data_pipeline.log"
 
 # The tests that need a CUDA device (skipped on the CPU machines that run CI).

@@ -15,7 +15,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_verdicts_agree_with_the_table():
-    result = _run("--tiles", "4", "--repeats", "1", "--sizes", "256,1024")
+    result = _run("--tiles", "4", "--repeats", "1", "--sizes", "256,1024", "--worker-tiles", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     start = next(index for index, line in enumerate(lines) if line.startswith("target ≥ 150 tiles/s per core"))
@@ -28,10 +28,17 @@ def test_verdicts_agree_with_the_table():
         row = next(line for line in lines if line.startswith(f"| {name}, track_meta(False): **full** (load packed"))
         cpu, fastest_cpu = row.strip("|").split("|")[2:4]
         assert (float(cpu), float(fastest_cpu)) == (median, fastest)
+        worker = next(line for line in lines if line.startswith(f"| {name}, track_meta(False): full, in a DataLoader worker"))
+        assert float(worker.strip("|").split("|")[2]) > 0  # the worker's CPU was read
         assert fastest <= median
         if min(abs(median - limit), abs(fastest - limit)) > 0.05:  # the printed figures are rounded to 0.1 ms
             expected = "met" if median <= limit else "met on the fastest pass only" if fastest <= limit else "NOT met"
             assert outcome == expected
+
+
+def test_negative_worker_tiles_are_refused():
+    result = _run("--worker-tiles", "-1")
+    assert result.returncode == 2 and "--worker-tiles: expected a number of tiles ≥ 0" in result.stderr
 
 
 def test_bad_sizes_are_refused():
