@@ -743,8 +743,9 @@ class PrepareCachedCISCABatch(PrepareCISCABatch):
     with ``encoder`` and written back to ``cache``.
     """
 
-    def __init__(self, encoder: nn.Module | None = None, cache: EmbeddingCache | None = None, features_key: str = FEATURES_KEY):
-        super().__init__()  # no batch photometric step: cached maps come from fully augmented views
+    def __init__(self, encoder: nn.Module | None = None, cache: EmbeddingCache | None = None, features_key: str = FEATURES_KEY,
+                 dense_targets=None):
+        super().__init__(dense_targets=dense_targets)  # no batch photometric step: cached maps come from fully augmented views
         self.encoder = encoder
         self.cache = cache
         self.features_key = features_key

@@ -41,10 +41,15 @@ class PrepareCISCABatch(PrepareBatch):
     loader sends :data:`HALF_PRECISION_KEYS` as float16). A uint8 image is an 8-bit image in 0..255 (the
     bundles' training loader sends it so) and comes out as float32 in 0..1; a floating-point image is taken
     as it is, in 0..1 (0..255 when ``photometric`` is given).
+
+    ``dense_targets``: computes ``distance_target`` and ``weight_mask`` on the device from the batch's relabelled
+    ``label`` (``cellgap.targets.DenseTargets``; bundles: ``targets_on_device``), for batches sent without them.
     """
 
-    def __init__(self, photometric: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, photometric: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 dense_targets: Callable[[torch.Tensor], dict] | None = None) -> None:
         self.photometric = photometric
+        self.dense_targets = dense_targets
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         if "image" not in batchdata:
@@ -55,6 +60,11 @@ class PrepareCISCABatch(PrepareBatch):
         else:
             image = scaled_image(image)
         targets = {k: _float32(batchdata[k].to(device=device, non_blocking=non_blocking)) for k in TARGET_KEYS if k in batchdata}
+        if self.dense_targets is not None:
+            if "label" not in batchdata:
+                raise KeyError(f"dense_targets: the batch has no 'label' to compute the distance maps and weight mask from; "
+                               f"keys: {sorted(batchdata)}")
+            targets.update(self.dense_targets(torch.as_tensor(batchdata["label"]).to(device=device, non_blocking=non_blocking)))
         if targets:
             return image, targets
         return image, batchdata.get("label")
@@ -147,7 +157,7 @@ class DataWait:
             rank = f"rank {torch.distributed.get_rank()}, " if distributed else ""  # each rank has its own loader
             logger.warning(f"{rank}epoch {engine.state.epoch}: the training loop waited for data {share:.0%} of the time "
                            f"(num_workers {workers}); more loader workers, a packed dataset (prepare_data.py --pack) "
-                           f"or photometric_on_device true would keep the GPU busy")
+                           f"or photometric_on_device / targets_on_device true would keep the GPU busy")
 
 
 class CheckpointMeta:

@@ -14,7 +14,8 @@ times, per tile, on one thread and without workers:
 * full — load + augment + targets + the image rounded to 8 bits, as the bundles' training loaders run it
   (files, packed), and the same in a DataLoader worker process, batches collated into shared memory;
 * loader share with ``photometric_on_device`` — load + the spatial steps + targets (the photometric steps
-  run on the training batch instead), and that batch step's own cost per tile on this CPU
+  run on the training batch instead); and the worker row with ``targets_on_device`` (the distance maps and
+  weight mask computed on the training batch instead); and these batch steps' own cost per tile on this CPU
   and, when there is one, on the CUDA device;
 * cached tiles — the same without loading, as with a CacheDataset that keeps the loaded tiles.
 
@@ -49,7 +50,7 @@ from cellgap.data.loading import LoadTiled  # noqa: E402
 from cellgap.data.packed import pack_dataset  # noqa: E402
 from cellgap.data.prepared import PreparedWriter, datalist  # noqa: E402
 from cellgap.data.synthetic import generate_tile, synthetic_info  # noqa: E402
-from cellgap.targets import CONTOUR_LEVELS_KEY, CISCATargetsd, ContourLevelsd  # noqa: E402
+from cellgap.targets import CONTOUR_LEVELS_KEY, CISCATargetsd, ContourLevelsd, DenseTargets  # noqa: E402
 from cellgap.training import HALF_PRECISION_KEYS, TARGET_KEYS  # noqa: E402
 
 TARGET_TILES_PER_S = 150  # issue #4: load + augment + targets per CPU core
@@ -127,22 +128,21 @@ def step_profile(steps: list, samples: list[dict], repeats: int) -> list[tuple[s
     return [(step_name(s), t / (repeats * len(samples)) * 1e3) for s, t in zip(steps, spent)]
 
 
-def batch_photometric_report(batch: torch.Tensor, stain: str, repeats: int) -> str:
-    """Per-tile cost of the batch photometric step on this CPU (one thread) and, when there is one, on CUDA."""
-    lines = [f"batch photometric step (BatchPhotometricAugmentation, batch of {len(batch)} 256² tiles), per tile:"]
-    augment = BatchPhotometricAugmentation(stain_stats=stain, seed=0)
-    augment(batch)
+def batch_step_report(title: str, step, batch: torch.Tensor, repeats: int) -> str:
+    """Per-tile cost of a step on a training batch, on this CPU (one thread) and, when there is one, on CUDA."""
+    lines = [f"{title}, batch of {len(batch)} 256² tiles, per tile:"]
+    step(batch)
     cpu = time.process_time()
     for _ in range(repeats):
-        augment(batch)
+        step(batch)
     lines.append(f"  CPU, one thread: {(time.process_time() - cpu) / (repeats * len(batch)) * 1e3:.2f} ms CPU")
     if torch.cuda.is_available():
         on_device = batch.cuda()
-        augment(on_device)
+        step(on_device)
         torch.cuda.synchronize()
         wall = time.perf_counter()
         for _ in range(10 * repeats):
-            augment(on_device)
+            step(on_device)
         torch.cuda.synchronize()
         lines.append(f"  {torch.cuda.get_device_name()}: {(time.perf_counter() - wall) / (10 * repeats * len(batch)) * 1e3:.3f} ms wall")
     return "\n".join(lines)
@@ -188,8 +188,10 @@ def main() -> None:
         load = Compose([LoadTiled(keys, num_classes=num_classes, packed=False), ContourLevelsd(magnification=args.magnification)])
         load_packed = Compose([LoadTiled(keys, num_classes=num_classes), ContourLevelsd(magnification=args.magnification)])
         targets = CISCATargetsd(magnification=args.magnification)
+        targets_off = CISCATargetsd(magnification=args.magnification, dense_targets=False)  # bundles: targets_on_device
         eight_bit = ClipIntensityd("image", 0.0, 255.0, dtype="uint8")  # as the bundles' train.json
         transport = [SelectItemsd(("image", *TARGET_KEYS)), CastToTyped(HALF_PRECISION_KEYS, dtype=torch.float16)]
+        transport_label = [SelectItemsd(("image", "contour_target", "type_target", "label"))]
         rows = ["| stage | wall ms/tile | CPU ms/tile | CPU ms/tile, fastest pass | tiles/s per core (CPU) |",
                 "|---|---|---|---|---|"]
         profiles, batches, verdicts = {}, [], []
@@ -219,6 +221,9 @@ def main() -> None:
                         rows.append(report(f"{name}, {meta}: full, in a DataLoader worker (batches of 8 collated into shared "
                                            "memory as the bundles send them; the worker's CPU)",
                                            *worker_timed(worker, items, args.repeats, samples=args.worker_tiles)))
+                        worker = Compose([load_packed, *steps, targets_off, eight_bit, *transport_label]).set_random_state(args.seed)
+                        rows.append(report(f"{name}, {meta}: full less the distance maps and weight mask (targets_on_device), "
+                                           "in a DataLoader worker", *worker_timed(worker, items, args.repeats, samples=args.worker_tiles)))
                     spatial = cisca_augmentations(stain_stats=args.stain, crop_size=256, photometric=False)
                     loader_share = Compose([load_packed, *spatial, targets, eight_bit]).set_random_state(args.seed)
                     rows.append(report(f"{name}, {meta}: **loader share, photometric steps on the device** "
@@ -236,14 +241,19 @@ def main() -> None:
                                                   args.repeats)
                     if name.startswith("256"):
                         spatial_steps = Compose(spatial).set_random_state(args.seed)
-                        batches.append(torch.stack([spatial_steps(s)["image"] for s in loaded]))
+                        moved = [targets_off(spatial_steps(s)) for s in loaded]
+                        batches.append(("batch photometric step (BatchPhotometricAugmentation)",
+                                        BatchPhotometricAugmentation(stain_stats=args.stain, seed=0),
+                                        torch.stack([m["image"] for m in moved])))
+                        batches.append(("distance maps and weight mask on the batch (DenseTargets)", DenseTargets(),
+                                        torch.stack([m["label"] for m in moved])))
                 del loaded, augmented, recompute  # the next set's reading rows run without them
         print("\n".join(rows))
         print(f"\ntarget ≥ {TARGET_TILES_PER_S} tiles/s per core (≤ {1e3 / TARGET_TILES_PER_S:.1f} ms CPU per tile), "
               "full pipeline from the pack, track_meta(False):")
         print("\n".join(verdicts))
-        for batch in batches:
-            print("\n" + batch_photometric_report(batch, args.stain, args.repeats))
+        for title, step, batch in batches:
+            print("\n" + batch_step_report(title, step, batch, args.repeats))
         for name, profile in profiles.items():
             print(f"\naugmentation steps, {name}, track_meta(False), mean CPU ms per tile (probabilities included):")
             for step, ms in profile:

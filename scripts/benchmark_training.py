@@ -115,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--photometric-on-device", action="store_true",
                    help="the bundle's photometric_on_device: stain, blur/noise, contrast and colour steps on the batch on "
                         "the device (in the step's time) instead of in the loader workers; no embedding-cache row")
+    p.add_argument("--targets-on-device", action="store_true",
+                   help="the bundle's targets_on_device: distance maps and weight mask computed on the batch on the device "
+                        "(in the step's time) instead of in the loader workers; no embedding-cache row")
     p.add_argument("--no-cache-row", action="store_true", help="skip the ViT-L 'from embedding cache' row")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the square matmul that measures the peak "
                    "rate (default: 8192 on CUDA, 1024 on CPU)")
@@ -194,6 +197,7 @@ def bundle_parser(key: str, args: argparse.Namespace, device: torch.device, work
         "allow_random_encoder": True,
         "reduced_encoder": bool(args.reduced),
         "photometric_on_device": bool(args.photometric_on_device),
+        "targets_on_device": bool(args.targets_on_device),
         "tile_size": args.tile,
         "dataset_dir": str(workdir / "synthetic"),
         "synthetic": {"n_train": args.tiles, "n_val": 0, "n_test": 0, "seed": 0, "magnification": 40, "size": args.tile,
@@ -399,7 +403,7 @@ def bench_encoder(key: str, args, device: torch.device, workdir: Path, cpu_batch
             free_device_memory()
 
     # no cache row with the photometric steps on the device: the bundle refuses that pair (cache_mode must be off)
-    if key == CACHE_ROW_ENCODER and not args.no_cache_row and not args.photometric_on_device:
+    if key == CACHE_ROW_ENCODER and not args.no_cache_row and not args.photometric_on_device and not args.targets_on_device:
         try:
             rows.append(cache_row(parts, batch, args, clock, rate))
         except Exception as e:
@@ -491,7 +495,8 @@ def table(record: dict) -> str:
              f"{'; decoder NOT the bundle one: ' + json.dumps(record['settings']['decoder_override']) if record['settings']['decoder_override'] else ''}; "
              f"tile {record['settings']['tile']}², C = {NUM_CLASSES}; {record['settings']['steps']} timed steps after "
              f"{record['settings']['warmup']}; {env['workers']} loader workers; photometric steps "
-             f"{'on the device' if record['settings'].get('photometric_on_device') else 'in the loader workers'}; cuDNN deterministic "
+             f"{'on the device' if record['settings'].get('photometric_on_device') else 'in the loader workers'}; distance maps "
+             f"and weight mask {'on the device' if record['settings'].get('targets_on_device') else 'in the loader workers'}; cuDNN deterministic "
              f"{record['settings'].get('cudnn_deterministic')}, autotuner {record['settings'].get('cudnn_benchmark')}",
              "",
              "| encoder | batch | train-step GFLOP/tile | tiles/s compute-only | MFU % | tiles/s with data | GPU busy % "
@@ -545,7 +550,8 @@ def main(argv=None) -> dict:
               "settings": {"encoders": encoders, "batch_size": batch_size, "steps": args.steps, "warmup": args.warmup,
                            "data_steps": data_steps, "data_warmup": data_warmup, "tile": args.tile, "tiles_on_disk": args.tiles,
                            "num_classes": NUM_CLASSES, "reduced": bool(args.reduced), "decoder_override": args.decoder,
-                           "photometric_on_device": bool(args.photometric_on_device), "random_encoder_weights": True,
+                           "photometric_on_device": bool(args.photometric_on_device),
+                           "targets_on_device": bool(args.targets_on_device), "random_encoder_weights": True,
                            "time_budget_s": args.time_budget,
                            "bundle_defaults": {k: train_config(get_encoder_spec(encoders[0]))[k]
                                                for k in ("batch_size", "num_workers", "learning_rate", "grad_clip_norm")}}}
@@ -555,7 +561,7 @@ def main(argv=None) -> dict:
         # One batch of the bundle's training pipeline, reused (sliced) by every encoder's compute-only steps.
         loader = bundle_parser(encoders[0], args, device, workdir, batch_size, workers, repeats).get_parsed_content(
             "train#dataloader")
-        cpu_batch = {k: torch.as_tensor(v) for k, v in next(iter(loader)).items() if k in ("image", *TARGET_KEYS)}
+        cpu_batch = {k: torch.as_tensor(v) for k, v in next(iter(loader)).items() if k in ("image", "label", *TARGET_KEYS)}
         del loader
         print(f"data ready after {time.perf_counter() - t0:.1f} s", flush=True)
         durations = []

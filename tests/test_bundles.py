@@ -209,6 +209,29 @@ def test_training_batches_travel_as_8_bit_images_and_half_precision_and_train_in
     assert set(targets["weight_mask"].unique().tolist()) <= {1.0, float(torch.tensor(BACKGROUND_WEIGHT).half())}
 
 
+def test_targets_on_the_device_are_the_targets_of_the_workers(tmp_path):
+    batches = {}
+    for on_device in (False, True):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json")])
+        parser.update(_common(tmp_path, batch_size=2, targets_on_device=on_device, seed=3))
+        parser.get_parsed_content("initialize")
+        batch = next(iter(parser.get_parsed_content("train#dataloader")))
+        batches[on_device] = (batch, parser.get_parsed_content("train_prepare_batch")(batch, torch.device("cpu")))
+    (sent, (image, targets)), (sent_label, (image_label, targets_label)) = batches[False], batches[True]
+    assert {"distance_target", "weight_mask"} <= set(sent) and "label" not in sent
+    assert "distance_target" not in sent_label and "weight_mask" not in sent_label
+    assert sent_label["label"].dtype == torch.int32
+    assert torch.equal(image, image_label)  # the same draws: the same views
+    assert set(targets) == set(targets_label)
+    for key in targets:  # the workers send them rounded to float16; the device computes them in float32
+        tolerance = 1e-3 if targets[key].is_floating_point() else 0
+        assert torch.allclose(targets[key].float(), targets_label[key].float(), atol=tolerance), key
+    _quiet_run(["train.json"], epochs=1, epoch_length=2, batch_size=2, val_batch_size=2,
+               **_common(tmp_path, targets_on_device=True))
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_loaders_pin_memory_for_a_gpu(tmp_path, device):
     parser = ConfigParser()

@@ -539,3 +539,50 @@ def test_near_reads_the_dilation_at_given_pixels():
         mask = rng.random((23, 31)) > 0.93
         pixels = rng.choice(mask.size, 50, replace=False)
         np.testing.assert_array_equal(targets._near(mask, pixels, footprint), targets._dilate(mask, footprint).ravel()[pixels])
+
+
+# --------------------------------------------------------------------------------------------
+# Dense targets on the batch's device
+
+
+def _relabelled_tiles() -> list[np.ndarray]:
+    from cellgap.data.synthetic import generate_tile
+
+    tiles = []
+    for seed in range(6):
+        tile = generate_tile(seed, size=96, magnification=40 if seed % 2 else 20)
+        label = torch.from_numpy(np.asarray(tile.label).reshape(1, 96, 96).astype(np.int32))
+        tiles.append(CISCATargetsd(magnification=40)({"label": label})["label"].numpy()[0])
+    odd = np.zeros((96, 96), np.int32)
+    odd[5, 5:20] = 3  # 1 px high: all maps 0
+    odd[30:40, 50] = 9  # 1 px wide
+    odd[60, 60] = 7  # a single pixel
+    odd[70, 70], odd[71, 71] = 11, 11  # two pixels on one diagonal: that diagonal is -1
+    odd[80:83, 80:85] = 1000  # a large id
+    tiles.append(odd)
+    return tiles
+
+
+def test_dense_targets_are_the_per_sample_targets_to_the_bit():
+    tiles = _relabelled_tiles()
+    out = targets.DenseTargets(weight_radius=6)(torch.from_numpy(np.stack(tiles)[:, None]))
+    assert out["distance_target"].dtype == out["weight_mask"].dtype == torch.float32
+    np.testing.assert_array_equal(out["distance_target"].numpy(), np.stack([targets.distance_maps(t) for t in tiles]))
+    np.testing.assert_array_equal(out["weight_mask"].numpy(), np.stack([targets.weight_mask(t, 6)[None] for t in tiles]))
+
+
+@pytest.mark.parametrize("label, match", [(torch.zeros(2, 96, 96, dtype=torch.int32), r"\(B, 1, H, W\) integer"),
+                                          (torch.zeros(2, 1, 8, 8), r"\(B, 1, H, W\) integer"),
+                                          (torch.full((1, 1, 8, 8), -2, dtype=torch.int32), "non-negative")])
+def test_dense_targets_refuse_what_is_not_a_batch_of_instance_maps(label, match):
+    with pytest.raises(ValueError, match=match):
+        targets.DenseTargets()(label)
+
+
+def test_targets_can_leave_the_dense_maps_to_the_device():
+    label = torch.from_numpy(_relabelled_tiles()[0][None])
+    out = CISCATargetsd(magnification=40, dense_targets=False)({"label": label})
+    assert "distance_target" not in out and "weight_mask" not in out
+    assert {"contour_target", "type_target"} <= set(out) and out["label"].dtype == torch.int32
+    with pytest.raises(ValueError, match="fullrange"):
+        CISCATargetsd(magnification=40, dense_targets=False, distance_mode="tips")
