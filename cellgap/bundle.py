@@ -484,7 +484,8 @@ after augmentation. GPU: bf16 autocast. Checkpoints (`models/model.pt`) hold the
 encoder, classes and magnification they were trained for.
 Monitoring: `tensorboard --logdir runs` shows the training loss, learning rate, validation metrics and
 overlays, and `data_wait_share`, the share of each epoch the loop waited for data. On a GPU above 10 % a
-warning suggests more `--num_workers`, a packed dataset (`prepare_data.py --pack`) or `--photometric_on_device true`.
+warning suggests more `--num_workers`, a packed dataset (`prepare_data.py --pack`), `--photometric_on_device true`
+or `--targets_on_device true`.
 
 ## Input
 RGB tiles scaled to [0, 1]; any size at inference (sliding window of 256², Gaussian blending).
