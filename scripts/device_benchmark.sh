@@ -54,7 +54,7 @@ timeout --kill-after=10 150 python3 scripts/benchmark_data_pipeline.py --tiles 2
     2>&1 | grep -v "packing" | tee "$OUT/benchmark_data_pipeline.log"
 
 # The tests that need a CUDA device (skipped on the CPU machines that run CI).
-timeout --kill-after=10 60 python3 -m pytest -q tests/test_metrics_inputs.py tests/test_postprocessing.py tests/test_dataloader.py -k cuda -rs \
+timeout --kill-after=10 60 python3 -m pytest -q tests/test_metrics_inputs.py tests/test_postprocessing.py tests/test_dataloader.py tests/test_targets.py -k cuda -rs \
     2>&1 | tee "$OUT/pytest_cuda.log"
 
 timeout --signal=INT --kill-after=30 $((BUDGET + 60)) \

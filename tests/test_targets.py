@@ -586,3 +586,11 @@ def test_targets_can_leave_the_dense_maps_to_the_device():
     assert {"contour_target", "type_target"} <= set(out) and out["label"].dtype == torch.int32
     with pytest.raises(ValueError, match="fullrange"):
         CISCATargetsd(magnification=40, dense_targets=False, distance_mode="tips")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dense_targets_on_cuda_are_those_on_the_cpu():
+    label = torch.from_numpy(np.stack(_relabelled_tiles())[:, None])
+    on_cpu, on_cuda = targets.DenseTargets()(label), targets.DenseTargets()(label.cuda())
+    for key, value in on_cpu.items():
+        assert on_cuda[key].is_cuda and torch.equal(on_cuda[key].cpu(), value), key
