@@ -127,7 +127,7 @@ def train_config(spec: EncoderSpec) -> dict:
                                    "on the GPU (same values; ≈1 ms less of a worker's CPU and 40 % fewer bytes per tile). "
                                    "Leave it off on a CPU: there the batch step costs more than the workers' numpy",
         "targets_on_device": False,
-        "dense_targets": "$cellgap.targets.DenseTargets() if @targets_on_device else None",
+        "batch_dense_targets": "$cellgap.targets.DenseTargets() if @targets_on_device else None",
         "stain_stats": "$@dataset if @dataset in ('pannuke', 'conic', 'cytodark0') else 'he'",
         "balanced_sampling": False,
         "_desc_cache_mode": "embedding cache of the frozen encoder's maps: off (features on the fly, random augmentation), "
@@ -162,9 +162,9 @@ def train_config(spec: EncoderSpec) -> dict:
                                       "mpp": "$@dataset_info.mpp", "min_cell_size": "@min_cell_size",
                                       "key_metric": "@key_metric", "cellgap_version": __version__}},
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
-        "train_prepare_batch": "$cellgap.training.PrepareCISCABatch(photometric=@batch_photometric, dense_targets=@dense_targets) "
+        "train_prepare_batch": "$cellgap.training.PrepareCISCABatch(photometric=@batch_photometric, dense_targets=@batch_dense_targets) "
                                "if @cache_mode == 'off' else cellgap.cache.PrepareCachedCISCABatch(encoder=@network_def.encoder, "
-                               "cache=@embedding_cache, dense_targets=@dense_targets)",
+                               "cache=@embedding_cache, dense_targets=@batch_dense_targets)",
         "train": {
             "datalist": "$@data.datalist(@train_split)",
             "preprocessing": {"_target_": "Compose", "transforms": [

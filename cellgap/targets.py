@@ -28,7 +28,7 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 
-from .magnification import MagnificationProfile, profile_for
+from .magnification import MagnificationProfile, disk, profile_for
 
 BOUNDARY, BODY, BACKGROUND, GAP = 0, 1, 2, 3
 CONTOUR_CLASS_COUNTS = (2, 3, 4)
@@ -601,15 +601,16 @@ def _coordinate_extremes(label: np.ndarray, count: int) -> tuple[np.ndarray, np.
 # Weight mask and classes
 
 
+def _check_radius(name: str, radius) -> None:
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ValueError(f"{name}: expected an integer ≥ 0 (pixels), got {radius!r}")
+
+
 def weight_mask(label: np.ndarray, radius: int = 6) -> np.ndarray:
     """Regression weight mask of METHOD.md §1.6, float32 (H, W): 1.0 on cells and within
     ``radius`` px (Euclidean disk dilation) of any cell, 0.05 elsewhere."""
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
-        raise ValueError(f"radius: expected an integer ≥ 0 (pixels), got {radius!r}")
-    foreground = _instance_map(label) > 0
-    offsets = np.arange(-radius, radius + 1)
-    disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
-    near = _dilate(foreground, disk)
+    _check_radius("radius", radius)
+    near = _dilate(_instance_map(label) > 0, disk(radius))
     return np.where(near, np.float32(1.0), np.float32(BACKGROUND_WEIGHT))  # float32 already: no copy
 
 
@@ -693,10 +694,8 @@ class DenseTargets:
     """
 
     def __init__(self, weight_radius: int = 6) -> None:
-        if isinstance(weight_radius, bool) or not isinstance(weight_radius, (int, np.integer)) or weight_radius < 0:
-            raise ValueError(f"weight_radius: expected an integer ≥ 0 (pixels), got {weight_radius!r}")
-        offsets = torch.arange(-weight_radius, weight_radius + 1)
-        self.disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= weight_radius**2).float()[None, None]
+        _check_radius("weight_radius", weight_radius)
+        self.disk = torch.from_numpy(disk(weight_radius)).float()[None, None]
 
     def __call__(self, label: torch.Tensor) -> dict[str, torch.Tensor]:
         if label.ndim != 4 or label.shape[1] != 1 or label.is_floating_point():
@@ -733,8 +732,8 @@ class DenseTargets:
 
     def weight(self, label: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) float32: 1 on and within ``weight_radius`` px of any cell, BACKGROUND_WEIGHT elsewhere."""
-        disk = self.disk.to(label.device)
-        near = torch.nn.functional.conv2d((label > 0).float(), disk, padding=disk.shape[-1] // 2) > 0.5
+        kernel = self.disk.to(label.device)
+        near = torch.nn.functional.conv2d((label > 0).float(), kernel, padding=kernel.shape[-1] // 2) > 0.5
         return torch.where(near, 1.0, BACKGROUND_WEIGHT).float()
 
 
@@ -785,8 +784,7 @@ class CISCATargetsd(MapTransform):
             raise ValueError(f"num_contour_classes: expected one of {CONTOUR_CLASS_COUNTS}, got {num_contour_classes!r}")
         if distance_mode not in DISTANCE_MODES:
             raise ValueError(f"distance_mode: expected one of {DISTANCE_MODES}, got {distance_mode!r}")
-        if isinstance(weight_radius, bool) or not isinstance(weight_radius, (int, np.integer)) or weight_radius < 0:
-            raise ValueError(f"weight_radius: expected an integer ≥ 0 (pixels), got {weight_radius!r}")
+        _check_radius("weight_radius", weight_radius)
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1
         ):
