@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cellgap.data.prepared import datalist
+from cellgap.locking import LOCK_NAME
 from cellgap.magnification import PROFILE_40X
 from cellgap.metrics import Protocol, ScoreTable, score_image
 from cellgap.metrics.statistics import paired_bootstrap
@@ -24,6 +25,8 @@ from cellgap.study import (
     run_study,
     write_results,
 )
+from cellgap.study.cli import main as study_main
+from cellgap.study.grid import OptionsChangedError
 
 TINY = {"widths": [8, 8, 8, 16, 16, 16], "head_features": 8, "head_width": 8, "norm": None}
 OVERRIDES = {"epochs": 1, "epoch_length": 1, "batch_size": 2, "val_batch_size": 2, "decoder": TINY, "tile_size": 64,
@@ -37,8 +40,8 @@ RESULT_FILES = ["README.md", "protocol.json", "cost.json", *(f"{s}.{x}" for s in
                 *(f"figures/{f}.png" for f in ("metrics_bars", "per_class_heatmap", "per_tissue_heatmap", "cost_vs_accuracy"))]
 
 
-def _grid(study_dir, weights="random", **kwargs):
-    return run_study(study_dir, ENCODERS, "synthetic", None, SPLITS, OVERRIDES, weights, **{**FAST_STATS, **kwargs})
+def _grid(study_dir, weights="random", overrides=None, **kwargs):
+    return run_study(study_dir, ENCODERS, "synthetic", None, SPLITS, overrides or OVERRIDES, weights, **{**FAST_STATS, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +236,9 @@ def test_a_crashing_cell_is_recorded_and_the_grid_goes_on(study, tmp_path):
     folder = _copy(study, tmp_path)
     missing = tmp_path / "no_such_weights"
     weights = {"convnext_atto": str(missing), "uni": "random"}
-    report = _grid(folder, weights)
+    with pytest.raises(OptionsChangedError, match=r"weights: \"random\" → \".*no_such_weights"):
+        _grid(folder, weights)  # finished runs made with other weights are not mixed with new ones silently
+    report = _grid(folder, weights, rerun_changed=True)
     assert sorted(report.failed) == ["synthetic/seed0/convnext_atto", "synthetic/seed1/convnext_atto"]
     assert sorted(report.skipped) == ["synthetic/seed0/uni", "synthetic/seed1/uni"]  # their results are kept
     for s in SPLITS:
@@ -331,3 +336,75 @@ def test_network_cost_counts_the_network_that_runs():
     assert 0 < cost["encoder_gflops"] < cost["gflops"]
     bigger = network_cost("convnext_atto", num_classes=3, decoder=TINY, tile=512)
     assert bigger["gflops"] == pytest.approx(4 * cost["gflops"], rel=0.05)  # convolutions scale with the pixels
+
+
+# The fixture's grid as command-line options (the same settings, hence the same run fingerprints).
+CLI_ARGS = ["--encoders", *ENCODERS, "--splits", *SPLITS, "--random-weights", "--reduced-encoders", "--epochs", "1",
+            "--epoch-length", "1", "--batch-size", "2", "--num-workers", "0", "--decoder", json.dumps(TINY),
+            "--synthetic", json.dumps(OVERRIDES["synthetic"]), "--set", "val_batch_size=2", "--set", "tile_size=64",
+            "--set", "sw_batch_size=2", "--bootstrap", "100", "--permutations", "100", "--eval-bootstrap", "0"]
+
+
+def _list(folder: Path, capsys, args=CLI_ARGS) -> tuple[dict, list[str]]:
+    """Run id → state, and the commands, as ``--list`` prints them."""
+    assert study_main([str(folder), *args, "--list"]) == 0
+    out = capsys.readouterr().out
+    states = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 5 and words[0].startswith("synthetic/"):
+            states[words[0]] = words[4]
+    return states, [line for line in out.splitlines() if line.startswith("python -m cellgap.study ")]
+
+
+def test_list_prints_every_run_and_its_command_runs_as_printed(study, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    folder = _copy(study, tmp_path)
+    (_cell(folder, "seed1", "uni") / "cell.json").unlink()
+    states, commands = _list(folder, capsys)
+    assert states == {f"synthetic/{s}/{e}": "done" for s in SPLITS for e in ENCODERS} | {"synthetic/seed1/uni": "todo"}
+    assert len(commands) == 1 and commands[0].endswith("--only synthetic/seed1/uni")
+    # The printed line, through a shell, from another directory: `python` is the interpreter of this environment.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(commands[0], shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _list(folder, capsys) == ({f"synthetic/{s}/{e}": "done" for s in SPLITS for e in ENCODERS}, [])
+    record = _cell_json(folder, "seed1", "uni")
+    assert record["attempt"] == 1 and record["settings"]["overrides"]["epochs"] == 1
+    assert not (_cell(folder, "seed1", "uni") / LOCK_NAME).exists()  # the run's lock is released
+
+
+def test_only_refuses_unknown_ids_and_runs_another_job_holds(study, tmp_path, capsys):
+    import os
+    import socket
+
+    folder = _copy(study, tmp_path)
+    assert study_main([str(folder), *CLI_ARGS, "--only", "synthetic/seed9/uni"]) == 2
+    assert "'synthetic/seed9/uni' not a run of this grid" in capsys.readouterr().err
+    held = _cell(folder, "seed0", "uni")
+    (held / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "what": "study run synthetic/seed0/uni", "started": "now"}))
+    states, _ = _list(folder, capsys)
+    assert states["synthetic/seed0/uni"] == "running"
+    assert study_main([str(folder), *CLI_ARGS, "--only", "synthetic/seed0/uni"]) == 2
+    assert "synthetic/seed0/uni is being run by another job" in capsys.readouterr().err
+    (held / "cell.json").unlink()  # would be rerun, but another job holds it: left alone
+    report = _grid(folder)
+    assert report.busy == ["synthetic/seed0/uni"] and report.ran == [] and len(report.skipped) == 3
+    assert not (held / "cell.json").exists()
+
+
+def test_changed_options_are_refused_naming_them(study, tmp_path, capsys):
+    folder = _copy(study, tmp_path)
+    with pytest.raises(OptionsChangedError, match="(?s)4 finished run.*overrides.epochs: 1 → 2"):
+        _grid(folder, overrides={**OVERRIDES, "epochs": 2})
+    args = list(CLI_ARGS)
+    args[args.index("--epochs") + 1] = "2"
+    assert study_main([str(folder), *args, "--only", "synthetic/seed0/uni"]) == 2
+    assert "overrides.epochs: 1 → 2" in capsys.readouterr().err
+    states, commands = _list(folder, capsys, args)
+    assert set(states.values()) == {"changed"} and commands == []

@@ -16,11 +16,11 @@ CELL_FILE = "cell.json"
 HEADLINE_METRICS = ("pq", "bpq", "mpq", "mpq+", "aji", "dice", "f1d", "dq", "sq", "aji+", "r2")
 
 
-def cell_id(dataset: str, split: str, encoder: str) -> str:
+def run_id(dataset: str, split: str, encoder: str) -> str:
     return f"{dataset}/{split}/{encoder}"
 
 
-def cell_dir(study_dir: Path, dataset: str, split: str, encoder: str) -> Path:
+def run_dir(study_dir: Path, dataset: str, split: str, encoder: str) -> Path:
     return study_dir / "cells" / dataset / split / encoder
 
 
@@ -33,7 +33,7 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def cell_fingerprint(plan: StudyPlan, split: SplitSpec, encoder: str) -> str:
+def run_fingerprint(plan: StudyPlan, split: SplitSpec, encoder: str) -> str:
     """What makes a cell's numbers: a changed setting reruns the cell instead of reusing stale results."""
     key = {"dataset": plan.dataset, "split": asdict(split), "encoder": encoder, "weights": plan.encoder_weights[encoder],
            "overrides": plan.overrides, "min_cell_sizes": plan.min_cell_sizes}
@@ -47,7 +47,7 @@ def is_done(record: dict | None, cell: Path, fingerprint: str) -> bool:
 
 
 @dataclass
-class CellResult:
+class RunResult:
     """The test results of one finished cell."""
 
     encoder: str
@@ -71,26 +71,26 @@ def _csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def load_cells(study_dir: Path, plan: StudyPlan) -> tuple[dict[tuple[str, str], CellResult], list[dict]]:
+def load_runs(study_dir: Path, plan: StudyPlan) -> tuple[dict[tuple[str, str], RunResult], list[dict]]:
     """(encoder, split) → results of every finished cell, and the status of every cell of the grid."""
     done, statuses = {}, []
     for split in plan.splits:
         for encoder in plan.encoders:
-            cell = cell_dir(study_dir, plan.dataset, split.name, encoder)
+            cell = run_dir(study_dir, plan.dataset, split.name, encoder)
             record = read_json(cell / CELL_FILE)
-            fingerprint = cell_fingerprint(plan, split, encoder)
+            fingerprint = run_fingerprint(plan, split, encoder)
             status = "missing" if record is None else record.get("status", "?")
             if record is not None and record.get("fingerprint") != fingerprint:
                 status = f"stale ({status}; other settings)"
             statuses.append({"encoder": encoder, "split": split.name, "status": status, "record": record or {}})
             if is_done(record, cell, fingerprint):
                 summary = read_json(cell / "eval_test" / "summary.json")
-                done[(encoder, split.name)] = CellResult(encoder, split.name, record, cell, summary,
+                done[(encoder, split.name)] = RunResult(encoder, split.name, record, cell, summary,
                                                          _csv_rows(cell / "eval_test" / "per_class.csv"),
                                                          _csv_rows(cell / "eval_test" / "per_tissue.csv"))
     return done, statuses
 
 
-def cells_of(done: dict[tuple[str, str], CellResult], encoder: str) -> list[CellResult]:
+def runs_of(done: dict[tuple[str, str], RunResult], encoder: str) -> list[RunResult]:
     """The finished cells of one encoder, in grid order."""
     return [c for k, c in done.items() if k[0] == encoder]

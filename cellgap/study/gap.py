@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..encoders import get_encoder_spec
-from .cells import CellResult
+from .cells import RunResult
 from .plan import StudyPlan
 from .tables import encoder_label, fmt, write_table
 
@@ -17,7 +17,7 @@ GAP_COLUMNS = ["metric", "encoder", "reference", "split", "encoder_value", "refe
                "ci_high", "p_bootstrap", "p_permutation", "n_images", "n_splits"]
 
 
-def _cell_table_and_protocol(cell: CellResult):
+def _run_table_and_protocol(cell: RunResult):
     """A finished cell's per-image test scores and the metric protocol they were computed with."""
     from ..metrics.protocol import Protocol
     from ..metrics.report import read_per_image_csv
@@ -119,8 +119,8 @@ def gap_table(plan: StudyPlan, done: dict, encoders: list[str], summary_stats: d
                 continue
             pairs = []
             for s in common:
-                ta, protocol = _cell_table_and_protocol(done[(e, s)])
-                tb, _ = _cell_table_and_protocol(done[(best, s)])
+                ta, protocol = _run_table_and_protocol(done[(e, s)])
+                tb, _ = _run_table_and_protocol(done[(best, s)])
                 stratified = protocol.averaging == "tissue"
                 try:
                     boot = paired_bootstrap(ta, tb, protocol, metric, n_resamples=plan.bootstrap, confidence=plan.confidence,

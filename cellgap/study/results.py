@@ -9,7 +9,7 @@ from pathlib import Path
 from ..atomic import atomic_write_text, write_json
 from ..encoders import get_encoder_spec
 from ..network import COST_TILE
-from .cells import HEADLINE_METRICS, cells_of, load_cells, read_json
+from .cells import HEADLINE_METRICS, load_runs, read_json, runs_of
 from .cost import encoder_costs
 from .figures import write_figures
 from .gap import gap_table, write_gap
@@ -33,7 +33,7 @@ def write_results(study_dir: str | Path, plan: StudyPlan | None = None, log: Cal
     results = study_dir / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "figures").mkdir(exist_ok=True)
-    done, statuses = load_cells(study_dir, plan)
+    done, statuses = load_runs(study_dir, plan)
     info = _dataset_info(plan, done)
     head = [_protocol_line(plan, done, info), *random_weights_warning(plan)]
     written = {}
@@ -59,12 +59,12 @@ def write_results(study_dir: str | Path, plan: StudyPlan | None = None, log: Cal
     written["per_cell"] = "test metrics of every finished cell (encoder × split)"
 
     encoders = [e for e in plan.encoders if any(k[0] == e for k in done)]
-    summary_stats = {e: _mean_sd_table({m: [num(c.metrics.get(m)) for c in cells_of(done, e)] for m in HEADLINE_METRICS})
+    summary_stats = {e: _mean_sd_table({m: [num(c.metrics.get(m)) for c in runs_of(done, e)] for m in HEADLINE_METRICS})
                      for e in encoders}
     rows, md_rows = [], []
     for e in encoders:
         st = summary_stats[e]
-        n = len(cells_of(done, e))
+        n = len(runs_of(done, e))
         rows.append([e, get_encoder_spec(e).domain, plan.encoder_weights[e], n,
                      *(x for m in HEADLINE_METRICS for x in (st[m]["mean"], st[m]["sd"]))])
         md_rows.append([encoder_label(e, plan), get_encoder_spec(e).domain, n, *(fmt_mean_sd(st[m]) for m in HEADLINE_METRICS)])
@@ -151,7 +151,7 @@ def _per_group_stats(done: dict, encoders: list[str], attr: str, key: str, metri
     """encoder → group → metric → {mean, sd, n_splits}, from each cell's per_class/per_tissue CSV."""
     out = {}
     for e in encoders:
-        cells = cells_of(done, e)
+        cells = runs_of(done, e)
         groups = sorted({r[key] for c in cells for r in getattr(c, attr)})
         out[e] = {}
         for g in groups:
