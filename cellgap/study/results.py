@@ -8,14 +8,26 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text, write_json
 from ..encoders import get_encoder_spec
+from ..locking import output_lock
 from ..network import COST_TILE
-from .cells import HEADLINE_METRICS, load_runs, read_json, runs_of
+from .cells import HEADLINE_METRICS, load_runs, missing_splits, read_json, runs_of
 from .cost import encoder_costs
 from .figures import write_figures
 from .gap import gap_table, write_gap
 from .plan import STUDY_FILE, StudyPlan
 from .provenance import now, versions
-from .tables import METRIC_LABELS, encoder_label, fmt_mean_sd, num, random_weights_warning, write_group_tables, write_table
+from .tables import (
+    METRIC_LABELS,
+    csv_value,
+    encoder_label,
+    fmt,
+    fmt_mean_sd,
+    incomplete_notes,
+    num,
+    random_weights_warning,
+    write_group_tables,
+    write_table,
+)
 
 CLASS_METRICS = ("f1", "pq", "pq+")  # HoVer-Net F1, image-mean PQ (PanNuke), pooled PQ+ (CoNIC)
 TISSUE_METRICS = ("pq", "mpq_image")  # per tissue: bPQ and mPQ of that tissue's images
@@ -31,71 +43,100 @@ def write_results(study_dir: str | Path, plan: StudyPlan | None = None, log: Cal
             raise FileNotFoundError(f"{study_dir / STUDY_FILE}: no study here (run_study writes it)")
         plan = StudyPlan.from_json(data)
     results = study_dir / "results"
-    results.mkdir(parents=True, exist_ok=True)
+    with output_lock(results, "study results"):
+        return _write_results(study_dir, plan, results, say)
+
+
+def _write_results(study_dir: Path, plan: StudyPlan, results: Path, say: Callable[[str], None]) -> Path:
     (results / "figures").mkdir(exist_ok=True)
     done, statuses = load_runs(study_dir, plan)
     info = _dataset_info(plan, done)
     head = [_protocol_line(plan, done, info), *random_weights_warning(plan)]
     written = {}
+    absent = [s for s in statuses if s["status"] != "done"]
+    if absent:
+        say(f"results: {len(done)} of {len(statuses)} run(s) finished; missing: "
+            + ", ".join(f"{s['split']}/{s['encoder']} ({s['status']})" for s in absent))
+    for s in statuses:
+        if s["status"] == "corrupt":
+            say(f"results: run {s['split']}/{s['encoder']} is corrupt, left out: {s['detail']}")
 
-    # Grid status: every cell, finished or not.
+    # Grid status: every run, finished or not.
     rows = []
     for s in statuses:
         r = s["record"]
         sel = r.get("min_cell_size", {})
-        err = (r.get("error") or {}).get("message", "")
+        err = (r.get("error") or {}).get("message", "") if s["status"] == "failed" else ""
+        err = err or (s["detail"] if s["status"] != "done" else "")
         rows.append([s["encoder"], s["split"], s["status"], sel.get("chosen"), sel.get("metric"), r.get("attempt"),
                      *(r.get("timings", {}).get(k) for k in ("train_s", "select_s", "evaluate_s", "total_s")),
                      (r.get("error") or {}).get("stage", ""), err.splitlines()[0][:300] if err else ""])
-    write_table(results, "cells", "Grid cells", head, ["encoder", "split", "status", "min_cell_size", "selection_metric",
+    write_table(results, "cells", "Grid runs", head, ["encoder", "split", "status", "min_cell_size", "selection_metric",
                 "attempts", "train_s", "select_s", "evaluate_s", "total_s", "failed_stage", "error"], rows)
-    written["cells"] = "every grid cell: status, chosen minimum cell size, timings, error of failed cells"
+    written["cells"] = "every run of the grid: status, chosen minimum cell size, timings, error of failed or corrupt runs"
 
-    # One row per finished cell.
-    rows = [[c.encoder, c.split, plan.encoder_weights[c.encoder], c.record.get("min_cell_size", {}).get("chosen"),
-             c.metrics.get("n_images"), *(c.metrics.get(m) for m in HEADLINE_METRICS)] for c in done.values()]
-    write_table(results, "per_cell", "Test metrics per grid cell", head,
-                ["encoder", "split", "weights", "min_cell_size", "n_images", *HEADLINE_METRICS], rows)
-    written["per_cell"] = "test metrics of every finished cell (encoder × split)"
+    # One row per run of the grid; the unfinished ones say so instead of dropping out.
+    rows = []
+    for s in statuses:
+        c = done.get((s["encoder"], s["split"]))
+        if c is None:
+            rows.append([s["encoder"], s["split"], s["status"], plan.encoder_weights[s["encoder"]], None, None,
+                         *(float("nan") for _ in HEADLINE_METRICS)])
+        else:
+            rows.append([c.encoder, c.split, "done", plan.encoder_weights[c.encoder],
+                         c.record.get("min_cell_size", {}).get("chosen"), c.metrics.get("n_images"),
+                         *(c.metrics.get(m) for m in HEADLINE_METRICS)])
+    md_rows = [[r[0], r[1], r[2], *(("MISSING",) * (len(r) - 3) if r[2] != "done" else
+                                   (fmt(v) if isinstance(v, float) else csv_value(v) for v in r[3:]))] for r in rows]
+    write_table(results, "per_cell", "Test metrics per run (encoder × split)", head,
+                ["encoder", "split", "status", "weights", "min_cell_size", "n_images", *HEADLINE_METRICS], rows,
+                md_rows=md_rows)
+    written["per_cell"] = "test metrics of every run (encoder × split); unfinished runs are listed as MISSING"
 
     encoders = [e for e in plan.encoders if any(k[0] == e for k in done)]
+    missing = missing_splits(plan, done, encoders)
+    notes = incomplete_notes(missing, len(plan.splits))
     summary_stats = {e: _mean_sd_table({m: [num(c.metrics.get(m)) for c in runs_of(done, e)] for m in HEADLINE_METRICS})
                      for e in encoders}
     rows, md_rows = [], []
     for e in encoders:
         st = summary_stats[e]
         n = len(runs_of(done, e))
-        rows.append([e, get_encoder_spec(e).domain, plan.encoder_weights[e], n,
+        rows.append([e, get_encoder_spec(e).domain, plan.encoder_weights[e], n, ";".join(missing[e]),
                      *(x for m in HEADLINE_METRICS for x in (st[m]["mean"], st[m]["sd"]))])
-        md_rows.append([encoder_label(e, plan), get_encoder_spec(e).domain, n, *(fmt_mean_sd(st[m]) for m in HEADLINE_METRICS)])
+        md_rows.append([encoder_label(e, plan, missing), get_encoder_spec(e).domain,
+                        f"{n} of {len(plan.splits)}" + (" †" if missing[e] else ""),
+                        *(fmt_mean_sd(st[m]) for m in HEADLINE_METRICS)])
     write_table(results, "summary", "Test metrics per encoder (mean ± sd over splits)", head,
-                ["encoder", "domain", "weights", "n_splits", *(f"{m}_{s}" for m in HEADLINE_METRICS for s in ("mean", "sd"))],
-                rows, ["encoder", "domain", "splits", *(METRIC_LABELS[m] for m in HEADLINE_METRICS)], md_rows)
-    written["summary"] = "encoder × metric, mean ± sample sd over splits of each split's test value"
+                ["encoder", "domain", "weights", "n_splits", "missing_splits",
+                 *(f"{m}_{s}" for m in HEADLINE_METRICS for s in ("mean", "sd"))],
+                rows, ["encoder", "domain", "splits", *(METRIC_LABELS[m] for m in HEADLINE_METRICS)], md_rows, notes=notes)
+    written["summary"] = "encoder × metric, mean ± sample sd over splits of each split's test value (incomplete encoders marked)"
 
     class_names = list(info.get("class_names") or [])
     class_stats = _per_group_stats(done, encoders, "per_class", "class", CLASS_METRICS)
     write_group_tables(results, "per_class", "Per-class test metrics (mean ± sd over splits)", head, plan, encoders,
                        class_stats, class_names, CLASS_METRICS, "class",
-                       {"f1": "HoVer-Net F1", "pq": "PQ (image mean)", "pq+": "PQ+ (pooled)"})
+                       {"f1": "HoVer-Net F1", "pq": "PQ (image mean)", "pq+": "PQ+ (pooled)"}, missing)
     written["per_class"] = "encoder × class: HoVer-Net F1, image-mean PQ, pooled PQ+ (mean ± sd over splits)"
     tissues = sorted({r["tissue"] for c in done.values() for r in c.per_tissue})
     tissue_stats = _per_group_stats(done, encoders, "per_tissue", "tissue", TISSUE_METRICS)
     tissue_label = info.get("tissue_label") or "tissue"
     write_group_tables(results, "per_tissue", f"Per-{tissue_label} test metrics (mean ± sd over splits)", head, plan,
                        encoders, tissue_stats, tissues, TISSUE_METRICS, tissue_label.replace(" ", "_"),
-                       {"pq": "bPQ", "mpq_image": "mPQ"})
+                       {"pq": "bPQ", "mpq_image": "mPQ"}, missing)
     written["per_tissue"] = f"encoder × {tissue_label}: bPQ and mPQ of that {tissue_label}'s test images"
 
     from ..metrics.aggregation import canonical_metric
 
     gap_metrics = [canonical_metric(m) for m in (plan.gap_metrics or (("mpq+", "bpq") if len(class_names) > 1 else ("pq", "f1d")))]
     gap_rows, gap_notes = gap_table(plan, done, encoders, summary_stats, gap_metrics)
-    write_gap(results, head, gap_rows, gap_notes, plan)
+    write_gap(results, head, gap_rows, gap_notes, plan, missing)
     written["gap"] = "each pathology encoder vs the best general-purpose one: difference, paired bootstrap CI, permutation p"
 
     cost = encoder_costs(results, plan, encoders, len(class_names) or 1)
-    write_figures(results, plan, encoders, summary_stats, class_stats, class_names, tissue_stats, tissues, cost, tissue_label)
+    write_figures(results, plan, encoders, summary_stats, class_stats, class_names, tissue_stats, tissues, cost, tissue_label,
+                  missing)
     _protocol_json(results, plan, done, statuses, info, gap_metrics, cost)
     _readme(results, plan, head, written, statuses, done)
     say(f"results: {results}")
@@ -219,12 +260,14 @@ def _readme(results: Path, plan: StudyPlan, head: list[str], written: dict, stat
     failed = [s for s in statuses if s["status"] != "done"]
     lines = ["# Study results", "", *[f"{line}  " for line in head], "",
              f"Grid: {len(plan.encoders)} encoder(s) × {len(plan.splits)} split(s) of `{plan.dataset}`; "
-             f"{len(done)} cell(s) finished, {len(failed)} not.", ""]
+             f"{len(done)} run(s) finished, {len(failed)} not.", ""]
     if failed:
-        lines += ["**Cells without results** (see `cells.md`; rerun the study to retry them):", ""]
+        lines += ["**Runs without results** (see `cells.md`; rerun the study, or their `--only` jobs, to retry them; "
+                  "tables mark the encoders they leave incomplete):", ""]
         lines += [f"- {s['split']}/{s['encoder']}: {s['status']}"
                   + (f" — {(s['record'].get('error') or {}).get('message', '').splitlines()[0][:200]}"
-                     if (s["record"].get("error") or {}).get("message") else "") for s in failed]
+                     if (s["record"].get("error") or {}).get("message") else f" — {s['detail'][:200]}" if s.get("detail") else "")
+                  for s in failed]
         lines.append("")
     lines += ["| file | what it holds |", "|---|---|"]
     for stem, what in written.items():
