@@ -408,3 +408,94 @@ def test_changed_options_are_refused_naming_them(study, tmp_path, capsys):
     assert "overrides.epochs: 1 → 2" in capsys.readouterr().err
     states, commands = _list(folder, capsys, args)
     assert set(states.values()) == {"changed"} and commands == []
+
+
+def test_results_merge_marks_missing_runs_and_reports_corrupt_ones(study, tmp_path, capsys):
+    folder = _copy(study, tmp_path)
+    (_cell(folder, "seed1", "uni") / "cell.json").unlink()  # never finished
+    (_cell(folder, "seed1", "convnext_atto") / "eval_test" / "summary.json").write_text("{truncated")  # corrupt
+    assert study_main([str(folder), "--results-only"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 4 run(s) finished; missing: seed1/convnext_atto (corrupt), seed1/uni (todo)" in out
+    assert "seed1/convnext_atto is corrupt, left out: eval_test/summary.json" in out
+    results = folder / "results"
+    summary = {r["encoder"]: r for r in _table(results / "summary.csv")}
+    for e in ENCODERS:  # over the one finished split, and saying so
+        assert summary[e]["n_splits"] == "1" and summary[e]["missing_splits"] == "seed1"
+        assert float(summary[e]["pq_mean"]) == pytest.approx(_test_metrics(folder, "seed0", e)["pq"])
+    md = (results / "summary.md").read_text()
+    assert "1 of 2 †" in md and "INCOMPLETE" in md and "uni: 1 of 2 splits; missing seed1" in md
+    per_run = {(r["split"], r["encoder"]): r for r in _table(results / "per_cell.csv")}
+    assert len(per_run) == 4 and per_run[("seed1", "uni")]["status"] == "todo"
+    assert per_run[("seed1", "convnext_atto")]["status"] == "corrupt" and per_run[("seed1", "convnext_atto")]["pq"] == "nan"
+    assert "MISSING" in (results / "per_cell.md").read_text()
+    runs = {(r["split"], r["encoder"]): r for r in _table(results / "cells.csv")}
+    assert "summary.json" in runs[("seed1", "convnext_atto")]["error"]
+    gap = _table(results / "gap.csv")
+    assert {r["split"] for r in gap} == {"seed0", "all (mean over 1 of 2 splits)"}
+    assert "INCOMPLETE" in (results / "gap.md").read_text() and "1 of 2 splits" in (results / "per_class.md").read_text()
+
+
+def test_dry_run_plans_steps_flops_hours_and_cache_disk(tmp_path, capsys):
+    import math
+
+    from cellgap.encoders import FrozenEncoder
+    from cellgap.study.estimate import estimate
+    from cellgap.study.runner import make_plan
+
+    folder = tmp_path / "s"
+    overrides = {**OVERRIDES, "epochs": 3, "epoch_length": None, "cache_mode": "clean"}
+    plan = make_plan(folder, ENCODERS, "synthetic", None, SPLITS, overrides, "random")
+    result = estimate(plan, folder, ["uni=100", "convnext_atto=50"], only=["synthetic/seed1/uni", "synthetic/seed0/convnext_atto"])
+    assert [r["run"] for r in result["runs"]] == ["synthetic/seed0/convnext_atto", "synthetic/seed1/uni"]
+    for r in result["runs"]:
+        assert r["steps"] == 3 * math.ceil(2 / 2)  # epochs × batches of the 2 training tiles
+        cost = network_cost(r["encoder"], 3, TINY, reduced=True)
+        expected = 2 * (cost["encoder_gflops"] + 3 * (cost["gflops"] - cost["encoder_gflops"])) * (64 / 256) ** 2
+        assert r["train_gflops_per_step"] == pytest.approx(expected)
+        tiles = 3 * 2 + 3 * 2 + 2 + 3  # training tiles, a val pass per epoch, selection on val, test
+        assert r["gpu_hours"] == pytest.approx(tiles / {"uni": 100, "convnext_atto": 50}[r["encoder"]] / 3600)
+        with pytest.warns(UserWarning, match="RANDOMLY"):
+            encoder = FrozenEncoder(r["encoder"], weights=None, allow_random=True, reduced=True)
+        with torch.no_grad():
+            maps = encoder(torch.zeros(1, 3, 64, 64))
+        assert r["cache_bytes"] == 2 * sum(m.numel() for m in maps) * 2  # 2 training tiles, float16
+    assert result["total"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in result["runs"]))
+    assert study_main([str(folder), *CLI_ARGS, "--dry-run", "--tiles-per-second", "uni=100"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic/seed1/uni" in out and "\ntotal" in out and "pass --tiles-per-second convnext_atto=N" in out
+    assert study_main([str(folder), *CLI_ARGS, "--dry-run", "--tiles-per-second", "uni=fast"]) == 2
+    assert "--tiles-per-second 'uni=fast': expected a positive number" in capsys.readouterr().err
+    assert not folder.exists()  # a plan, nothing written
+
+
+def test_torchrun_ranks_share_the_grid_and_match_a_sequential_run(study, tmp_path):
+    """``torchrun --nproc-per-node 2 -m cellgap.study``: two CPU ranks (gloo barrier) over the 2 × 2 grid."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ranks"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "cellgap.study", str(folder), *CLI_ARGS], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    ranks = {}
+    for s in SPLITS:
+        for e in ENCODERS:
+            record = _cell_json(folder, s, e)
+            assert record["status"] == "done" and record["attempt"] == 1 and record["history"] == []  # trained once
+            assert record["worker"]["world_size"] == 2 and record["worker"]["device"] == "cpu"
+            ranks.setdefault(record["worker"]["rank"], []).append(f"{s}/{e}")
+    assert sorted(ranks) == [0, 1] and all(len(v) == 2 for v in ranks.values())  # each rank its share
+    for s in SPLITS:
+        for e in ENCODERS:
+            mine, theirs = _test_metrics(folder, s, e), _test_metrics(study[0], s, e)
+            for m in ("pq", "bpq", "mpq+", "aji", "dice", "f1d"):
+                assert mine[m] == pytest.approx(theirs[m], abs=1e-6, nan_ok=True), (s, e, m)
+    summary, sequential = _table(folder / "results" / "summary.csv"), _table(study[0] / "results" / "summary.csv")
+    assert [r["encoder"] for r in summary] == [r["encoder"] for r in sequential]
+    for a, b in zip(summary, sequential):
+        for key in ("pq_mean", "pq_sd", "mpq+_mean", "f1d_mean"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6, nan_ok=True)

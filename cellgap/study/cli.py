@@ -168,7 +168,8 @@ def run_study_from_args(args: argparse.Namespace) -> StudyReport | Path | list:
     if args.dry_run:
         from .estimate import print_estimate
 
-        return print_estimate(make_plan(**_study_kwargs(args)), args.tiles_per_second, only=args.only)
+        return print_estimate(make_plan(**_study_kwargs(args)), Path(args.study_dir).expanduser().resolve(),
+                              args.tiles_per_second, only=args.only)
     if args.results_only:
         return write_results(args.study_dir)
     kwargs = _study_kwargs(args)
