@@ -370,7 +370,10 @@ def test_list_prints_every_run_and_its_command_runs_as_printed(study, tmp_path, 
     # The printed line, through a shell, from another directory: `python` is the interpreter of this environment.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(commands[0], shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # As docs/study.md's Slurm array task does: line k of the listed commands, through eval.
+    (tmp_path / "jobs").write_text("\n".join(commands) + "\n")
+    done = subprocess.run(["bash", "-c", 'eval "$(sed -n "${TASK}p" jobs)"'], cwd=tmp_path, env={**env, "TASK": "1"},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _list(folder, capsys) == ({f"synthetic/{s}/{e}": "done" for s in SPLITS for e in ENCODERS}, [])
     record = _cell_json(folder, "seed1", "uni")
