@@ -357,24 +357,25 @@ def _list(folder: Path, capsys, args=CLI_ARGS) -> tuple[dict, list[str]]:
     return states, [line for line in out.splitlines() if line.startswith("python -m cellgap.study ")]
 
 
-def test_list_prints_every_run_and_its_command_runs_as_printed(study, tmp_path, capsys):
+def test_list_prints_every_run_and_its_command_runs_as_printed(study, tmp_path, capsys, monkeypatch):
     import os
     import subprocess
-    import sys
 
     folder = _copy(study, tmp_path)
     (_cell(folder, "seed1", "uni") / "cell.json").unlink()
     states, commands = _list(folder, capsys)
     assert states == {f"synthetic/{s}/{e}": "done" for s in SPLITS for e in ENCODERS} | {"synthetic/seed1/uni": "todo"}
     assert len(commands) == 1 and commands[0].endswith("--only synthetic/seed1/uni")
-    # The printed line, through a shell, from another directory: `python` is the interpreter of this environment.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    # As docs/study.md's Slurm array task does: line k of the listed commands, through eval.
+    # As docs/study.md's Slurm array task does: line k of the listed commands through eval, in bash, from another
+    # directory; `python` here only shows the words bash hands it (starting an interpreter per test costs ~15 s).
     (tmp_path / "jobs").write_text("\n".join(commands) + "\n")
-    done = subprocess.run(["bash", "-c", 'eval "$(sed -n "${TASK}p" jobs)"'], cwd=tmp_path, env={**env, "TASK": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    shown = subprocess.run(["bash", "-c", 'python() { printf "%s\\0" python "$@"; }; eval "$(sed -n "${TASK}p" jobs)"'],
+                           cwd=tmp_path, env={**os.environ, "TASK": "1"}, capture_output=True, text=True, timeout=60)
+    argv = shown.stdout.split("\0")[:-1]
+    assert shown.returncode == 0 and argv[:3] == ["python", "-m", "cellgap.study"], shown.stderr
+    assert argv[3] == str(folder.resolve()) and argv[argv.index("--decoder") + 1] == json.dumps(TINY)
+    monkeypatch.chdir(tmp_path)
+    assert study_main(argv[3:]) == 0  # what `python -m cellgap.study` runs with those words
     assert _list(folder, capsys) == ({f"synthetic/{s}/{e}": "done" for s in SPLITS for e in ENCODERS}, [])
     record = _cell_json(folder, "seed1", "uni")
     assert record["attempt"] == 1 and record["settings"]["overrides"]["epochs"] == 1

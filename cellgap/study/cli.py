@@ -71,6 +71,17 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 _ACTION_OPTIONS = {"list", "only", "results_only", "dry_run", "tiles_per_second", "help"}
 
 
+def _absolute_weights(item: str) -> str:
+    """``[ENCODER=]PATH`` with an existing local PATH made absolute (a job may start in another folder)."""
+    key, sep, value = str(item).partition("=")
+    if not sep:
+        key, value = "", key
+    path = Path(value).expanduser()
+    if value not in ("hub", "random", "none") and path.exists():
+        value = str(path.resolve())
+    return f"{key}{sep}{value}"
+
+
 def command_line(args: argparse.Namespace, only: list[str] | None = None) -> str:
     """The shell command that runs this grid (the runs ``only`` names), rebuilt from the parsed options; folders
     absolute so that it runs from any directory (a Slurm job, another shell)."""
@@ -92,7 +103,7 @@ def command_line(args: argparse.Namespace, only: list[str] | None = None) -> str
             words.append(flag)
         elif isinstance(action, argparse._AppendAction):
             for item in value:
-                words += [flag, str(item)]
+                words += [flag, _absolute_weights(item) if action.dest == "weights" else str(item)]
         elif isinstance(value, list):
             words += [flag, *map(str, value)]
         else:

@@ -76,13 +76,13 @@ def heatmap(plan, encoders, stats, groups, metric, title, xlabel, missing=None):
     return fig
 
 
-def readable_axis(axis, values) -> None:
-    """A log axis where the values spread over more than a factor 3, else a linear one; at most 5 ticks, plain
-    numbers without offset, so that labels never collide (near-equal values gave ``112.46112.47…``)."""
+def readable_axis(axis, values, log_allowed: bool = True) -> None:
+    """A log axis where the values spread over more than a factor 3 (if allowed), else a linear one; at most 5
+    ticks, plain numbers without offset, so that labels never collide (near-equal values gave ``112.46112.47…``)."""
     import matplotlib.ticker as ticker
 
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    if len(finite) > 1 and max(finite) / min(finite) > 3:
+    finite = [v for v in values if math.isfinite(v) and (v > 0 or not log_allowed)]
+    if log_allowed and len(finite) > 1 and max(finite) / min(finite) > 3:
         axis.axes.set_xscale("log") if axis.axis_name == "x" else axis.axes.set_yscale("log")
         axis.set_major_locator(ticker.LogLocator(base=10, subs=(1, 2, 5), numticks=6))
         axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
@@ -119,7 +119,8 @@ def cost_vs_accuracy(plan, encoders, summary_stats, cost, missing=None):
                 handles.append(handle)
         readable_axis(ax.xaxis, list(xs.values()))
         ax.grid(alpha=0.3)
-    readable_axis(axes[0].yaxis, [summary_stats[e]["pq"]["mean"] for e in costed])
+    spans = [(s["mean"], s["sd"] if math.isfinite(s["sd"]) else 0) for s in (summary_stats[e]["pq"] for e in costed)]
+    readable_axis(axes[0].yaxis, [m + k * sd for m, sd in spans for k in (-1, 1)], log_allowed=False)  # error bars inside
     axes[0].set_xlabel("frozen encoder parameters (millions)")
     axes[1].set_xlabel(f"GFLOPs per {COST_TILE}² tile (encoder + decoder)")
     axes[0].set_ylabel("PQ (test)")
