@@ -95,7 +95,7 @@ def readable_axis(axis, values, log_allowed: bool = True) -> None:
         axis.set_minor_locator(ticker.NullLocator())
         if finite:
             low, high = min(finite), max(finite)
-            pad = max((high - low) * 0.3, abs(high) * 0.01, 1e-9)  # near-equal values: a window of ±1 %
+            pad = max((high - low) * 0.3, abs(high) * 2e-4, 1e-9)  # equal values: a window of ±0.02 %
             axis.axes.set_xlim(low - pad, high + pad) if axis.axis_name == "x" else axis.axes.set_ylim(low - pad, high + pad)
 
 
