@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_study_from_args(args)
     if isinstance(outcome, StudyReport) and (outcome.failed or outcome.busy):
         if outcome.failed:
-            print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; see {Path(outcome.results_dir) / 'cells.md'}",
+            print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; see {Path(outcome.results_dir) / 'runs.md'}",
                   file=sys.stderr)
         if outcome.busy:
             print(f"{len(outcome.busy)} run(s) held by another job, not run here: {', '.join(outcome.busy)}", file=sys.stderr)

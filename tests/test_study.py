@@ -35,8 +35,8 @@ OVERRIDES = {"epochs": 1, "epoch_length": 1, "batch_size": 2, "val_batch_size": 
 ENCODERS = ["convnext_atto", "uni"]  # general-purpose and pathology (reduced ViT)
 SPLITS = ["seed0", "seed1"]
 FAST_STATS = {"bootstrap": 100, "permutations": 100, "eval_bootstrap": 0, "log": lambda text: None}
-RESULT_FILES = ["README.md", "protocol.json", "cost.json", *(f"{s}.{x}" for s in ("summary", "per_cell", "per_class",
-                "per_tissue", "gap", "cells") for x in ("csv", "md")),
+RESULT_FILES = ["README.md", "protocol.json", "cost.json", *(f"{s}.{x}" for s in ("summary", "per_run", "per_class",
+                "per_tissue", "gap", "runs") for x in ("csv", "md")),
                 *(f"figures/{f}.png" for f in ("metrics_bars", "per_class_heatmap", "per_tissue_heatmap", "cost_vs_accuracy"))]
 
 
@@ -113,9 +113,9 @@ def test_summary_means_are_the_means_of_the_cells(study):
             values = [_test_metrics(folder, s, e)[metric] for s in SPLITS]
             assert float(rows[e][f"{metric}_mean"]) == pytest.approx(np.mean(values), abs=1e-12)
             assert float(rows[e][f"{metric}_sd"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
-    per_cell = _table(folder / "results" / "per_cell.csv")
-    assert len(per_cell) == 4
-    for row in per_cell:
+    per_run = _table(folder / "results" / "per_run.csv")
+    assert len(per_run) == 4
+    for row in per_run:
         assert float(row["pq"]) == pytest.approx(_test_metrics(folder, row["split"], row["encoder"])["pq"])
 
 
@@ -201,7 +201,7 @@ def test_protocol_json_records_every_choice(study):
     for s in doc["splits"]:
         assert s["metric_protocol"]["empty_policy"] == "skip" and s["metric_protocol"]["detection_radius"] == 12
     assert doc["training"]["random_weights"] == ENCODERS
-    for key, cell in doc["cells"].items():
+    for key, cell in doc["runs"].items():
         assert cell["status"] == "done" and cell["selection_split"] == "val"
         assert cell["min_cell_size"] == _cell_json(study[0], *key.split("/"))["min_cell_size"]["chosen"]
     assert doc["cost"]["per_encoder"]["uni"]["gflops"] > 0
@@ -248,7 +248,7 @@ def test_a_crashing_cell_is_recorded_and_the_grid_goes_on(study, tmp_path):
         assert _cell_json(folder, s, "uni")["status"] == "done"
     results = folder / "results"
     assert [r["encoder"] for r in _table(results / "summary.csv")] == ["uni"]
-    cells = {(r["split"], r["encoder"]): r for r in _table(results / "cells.csv")}
+    cells = {(r["split"], r["encoder"]): r for r in _table(results / "runs.csv")}
     assert cells[("seed0", "convnext_atto")]["status"] == "failed" and "no_such_weights" in cells[("seed0", "convnext_atto")]["error"]
     assert "seed1/convnext_atto: failed" in (results / "README.md").read_text()
     assert "No gap table" in (results / "gap.md").read_text()
@@ -429,11 +429,11 @@ def test_results_merge_marks_missing_runs_and_reports_corrupt_ones(study, tmp_pa
         assert float(summary[e]["pq_mean"]) == pytest.approx(_test_metrics(folder, "seed0", e)["pq"])
     md = (results / "summary.md").read_text()
     assert "1 of 2 †" in md and "INCOMPLETE" in md and "uni: 1 of 2 splits; missing seed1" in md
-    per_run = {(r["split"], r["encoder"]): r for r in _table(results / "per_cell.csv")}
+    per_run = {(r["split"], r["encoder"]): r for r in _table(results / "per_run.csv")}
     assert len(per_run) == 4 and per_run[("seed1", "uni")]["status"] == "todo"
     assert per_run[("seed1", "convnext_atto")]["status"] == "corrupt" and per_run[("seed1", "convnext_atto")]["pq"] == "nan"
-    assert "MISSING" in (results / "per_cell.md").read_text()
-    runs = {(r["split"], r["encoder"]): r for r in _table(results / "cells.csv")}
+    assert "MISSING" in (results / "per_run.md").read_text()
+    runs = {(r["split"], r["encoder"]): r for r in _table(results / "runs.csv")}
     assert "summary.json" in runs[("seed1", "convnext_atto")]["error"]
     gap = _table(results / "gap.csv")
     assert {r["split"] for r in gap} == {"seed0", "all (mean over 1 of 2 splits)"}

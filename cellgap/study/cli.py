@@ -48,7 +48,7 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--gap-metrics", nargs="+", help="metrics of the gap table (default mpq+ bpq, or pq f1d for one class)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the gap table")
     parser.add_argument("--permutations", type=int, default=5000, help="permutations of the gap table's paired test")
-    parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamples of each cell's test CIs")
+    parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamples of each run's test CIs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the gap statistics")
     parser.add_argument("--no-resume", action="store_true", help="rerun every run, even finished ones")
     parser.add_argument("--rerun-changed", action="store_true",
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m cellgap.study") -
     if isinstance(outcome, StudyReport) and (outcome.failed or outcome.busy):
         if outcome.failed:
             print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; see their cell.json "
-                  f"(and {Path(outcome.results_dir) / 'cells.md'} once the results are written)", file=sys.stderr)
+                  f"(and {Path(outcome.results_dir) / 'runs.md'} once the results are written)", file=sys.stderr)
         if outcome.busy:
             print(f"{len(outcome.busy)} run(s) held by another job, not run here: {', '.join(outcome.busy)}", file=sys.stderr)
         return 1

@@ -58,7 +58,7 @@ def metrics_bars(plan, encoders, summary_stats, missing=None):
 
 
 def heatmap(plan, encoders, stats, groups, metric, title, xlabel, missing=None):
-    """Encoder × group (class, tissue) means, one number per cell of the image, groups as vertical tick labels."""
+    """Encoder × group (class, tissue) means, one number per square of the image, groups as vertical tick labels."""
     plt = _pyplot()
     data = np.array([[stats[e].get(g, {}).get(metric, {}).get("mean", np.nan) for g in groups] for e in encoders])
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(groups) + 3), 0.5 * len(encoders) + 2))

@@ -18,7 +18,7 @@ GAP_COLUMNS = ["metric", "encoder", "reference", "split", "encoder_value", "refe
 
 
 def _run_table_and_protocol(cell: RunResult):
-    """A finished cell's per-image test scores and the metric protocol they were computed with."""
+    """A finished run's per-image test scores and the metric protocol they were computed with."""
     from ..metrics.protocol import Protocol
     from ..metrics.report import read_per_image_csv
 
@@ -101,7 +101,7 @@ def gap_table(plan: StudyPlan, done: dict, encoders: list[str], summary_stats: d
     general = [e for e in encoders if get_encoder_spec(e).domain == "general"]
     pathology = [e for e in encoders if get_encoder_spec(e).domain == "pathology"]
     if not general or not pathology:
-        notes.append("No gap table: the finished cells need at least one general-purpose and one pathology encoder "
+        notes.append("No gap table: the finished runs need at least one general-purpose and one pathology encoder "
                      f"(general: {general or 'none'}; pathology: {pathology or 'none'}).")
         return rows, notes
     split_names = [s.name for s in plan.splits]

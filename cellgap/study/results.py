@@ -1,5 +1,5 @@
 """The results folder of a study: tables, gap table, figures, ``cost.json``, ``protocol.json`` and its README,
-(re)written from the finished cells; statistics over splits are mean and sample sd of each split's test value."""
+(re)written from the finished runs; statistics over splits are mean and sample sd of each split's test value."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ TISSUE_METRICS = ("pq", "mpq_image")  # per tissue: bPQ and mPQ of that tissue's
 
 
 def write_results(study_dir: str | Path, plan: StudyPlan | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """(Re)write ``<study_dir>/results/`` from the finished cells of the grid in ``study.json``."""
+    """(Re)write ``<study_dir>/results/`` from the finished runs of the grid in ``study.json``."""
     say = log or (lambda text: print(text, flush=True))
     study_dir = Path(study_dir).resolve()
     if plan is None:
@@ -71,9 +71,9 @@ def _write_results(study_dir: Path, plan: StudyPlan, results: Path, say: Callabl
         rows.append([s["encoder"], s["split"], s["status"], sel.get("chosen"), sel.get("metric"), r.get("attempt"),
                      *(r.get("timings", {}).get(k) for k in ("train_s", "select_s", "evaluate_s", "total_s")),
                      (r.get("error") or {}).get("stage", ""), err.splitlines()[0][:300] if err else ""])
-    write_table(results, "cells", "Grid runs", head, ["encoder", "split", "status", "min_cell_size", "selection_metric",
+    write_table(results, "runs", "Grid runs", head, ["encoder", "split", "status", "min_cell_size", "selection_metric",
                 "attempts", "train_s", "select_s", "evaluate_s", "total_s", "failed_stage", "error"], rows)
-    written["cells"] = "every run of the grid: status, chosen minimum cell size, timings, error of failed or corrupt runs"
+    written["runs"] = "every run of the grid: status, chosen minimum cell size, timings, error of failed or corrupt runs"
 
     # One row per run of the grid; the unfinished ones say so instead of dropping out.
     rows = []
@@ -88,10 +88,10 @@ def _write_results(study_dir: Path, plan: StudyPlan, results: Path, say: Callabl
                          *(c.metrics.get(m) for m in HEADLINE_METRICS)])
     md_rows = [[r[0], r[1], r[2], *(("MISSING",) * (len(r) - 3) if r[2] != "done" else
                                    (fmt(v) if isinstance(v, float) else csv_value(v) for v in r[3:]))] for r in rows]
-    write_table(results, "per_cell", "Test metrics per run (encoder × split)", head,
+    write_table(results, "per_run", "Test metrics per run (encoder × split)", head,
                 ["encoder", "split", "status", "weights", "min_cell_size", "n_images", *HEADLINE_METRICS], rows,
                 md_rows=md_rows)
-    written["per_cell"] = "test metrics of every run (encoder × split); unfinished runs are listed as MISSING"
+    written["per_run"] = "test metrics of every run (encoder × split); unfinished runs are listed as MISSING"
 
     encoders = [e for e in plan.encoders if any(k[0] == e for k in done)]
     missing = missing_splits(plan, done, encoders)
@@ -155,12 +155,12 @@ def _protocol_line(plan: StudyPlan, done: dict, info: dict) -> str:
     sizes = sorted({c.record.get("min_cell_size", {}).get("chosen") for c in done.values()} - {None})
     return (f"Protocol: dataset {plan.dataset}, test split of {split_text}; empty-image policy {'/'.join(policies)}; "
             f"bPQ/mPQ averaging {'/'.join(averaging)}; {mag}x ({mpp} µm/px); detection radius "
-            f"{first.get('detection_radius', '?')} px; minimum cell size chosen per cell on val "
+            f"{first.get('detection_radius', '?')} px; minimum cell size chosen per run on val "
             f"({', '.join(map(str, sizes)) or '—'} px); mean ± sd over splits (see protocol.json)")
 
 
 def _dataset_info(plan: StudyPlan, done: dict) -> dict:
-    """Name, classes, magnification of the dataset; from the finished cells where the dataset folder is gone."""
+    """Name, classes, magnification of the dataset; from the finished runs where the dataset folder is gone."""
     from ..data.prepared import read_dataset_info
 
     root = Path(plan.dataset_dir) / plan.splits[0].name if plan.dataset == "synthetic" else Path(plan.dataset_dir)
@@ -189,7 +189,7 @@ def _mean_sd_table(values: dict[str, list[float]]) -> dict[str, dict]:
 
 
 def _per_group_stats(done: dict, encoders: list[str], attr: str, key: str, metrics) -> dict:
-    """encoder → group → metric → {mean, sd, n_splits}, from each cell's per_class/per_tissue CSV."""
+    """encoder → group → metric → {mean, sd, n_splits}, from each run's per_class/per_tissue CSV."""
     out = {}
     for e in encoders:
         cells = runs_of(done, e)
@@ -220,11 +220,11 @@ def _protocol_json(results: Path, plan: StudyPlan, done: dict, statuses: list[di
         metric_protocols = [c.summary.get("protocol") for k, c in done.items() if k[1] == s.name]
         entry["metric_protocol"] = metric_protocols[0] if metric_protocols else None
         splits.append(entry)
-    cells = {}
+    runs = {}
     for st in statuses:
         r = st["record"]
         sel = r.get("min_cell_size", {})
-        cells[f"{st['split']}/{st['encoder']}"] = {
+        runs[f"{st['split']}/{st['encoder']}"] = {
             "status": st["status"], "encoder_weights": r.get("encoder_weights"), "random_weights": r.get("random_weights"),
             "reduced_encoder": r.get("reduced_encoder"), "min_cell_size": sel.get("chosen"),
             "min_cell_size_candidates": sel.get("candidates"), "selection_metric": sel.get("metric"),
@@ -238,7 +238,7 @@ def _protocol_json(results: Path, plan: StudyPlan, done: dict, statuses: list[di
         "evaluation": {"split": "test (of each split)", "averaging": AVERAGING,
                        "over_splits": "mean and sample sd (ddof=1) over splits of each split's test value; sd omitted with one split"},
         "min_cell_size_selection": {
-            "chosen_on": "the validation split of each grid cell, never test",
+            "chosen_on": "the validation split of each run, never test",
             "metric": "mPQ+ for multi-class data, PQ + detection F1 for one class (METHOD.md §4)",
             "candidates": plan.min_cell_sizes or "METHOD.md §4 grid for the magnification: 20x 17–32 step 3, 40x 50–80 step 5",
             "how": "one network pass over the validation tiles; each candidate post-processes the same outputs"},
@@ -249,7 +249,7 @@ def _protocol_json(results: Path, plan: StudyPlan, done: dict, statuses: list[di
                 "seed": plan.seed},
         "cost": {"how": f"torch.utils.flop_counter.FlopCounterMode on one {COST_TILE}² tile, multiply-add = 2 FLOPs",
                  "per_encoder": cost},
-        "cells": cells,
+        "runs": runs,
         "versions": versions(),
         "created": now(),
     }
@@ -262,7 +262,7 @@ def _readme(results: Path, plan: StudyPlan, head: list[str], written: dict, stat
              f"Grid: {len(plan.encoders)} encoder(s) × {len(plan.splits)} split(s) of `{plan.dataset}`; "
              f"{len(done)} run(s) finished, {len(failed)} not.", ""]
     if failed:
-        lines += ["**Runs without results** (see `cells.md`; rerun the study, or their `--only` jobs, to retry them; "
+        lines += ["**Runs without results** (see `runs.md`; rerun the study, or their `--only` jobs, to retry them; "
                   "tables mark the encoders they leave incomplete):", ""]
         lines += [f"- {s['split']}/{s['encoder']}: {s['status']}"
                   + (f" — {(s['record'].get('error') or {}).get('message', '').splitlines()[0][:200]}"
@@ -279,10 +279,10 @@ def _readme(results: Path, plan: StudyPlan, head: list[str], written: dict, stat
         f"| `figures/cost_vs_accuracy.png` | test PQ vs frozen-encoder parameters and GFLOPs per {COST_TILE}² tile |",
         "| `cost.json` | parameters and GFLOPs per encoder (cache; FlopCounterMode) |",
         "| `protocol.json` | the exact protocol of every number: dataset, splits, empty-image policy, averaging, "
-        "magnification, detection radius, minimum cell size per cell, seeds, versions |",
+        "magnification, detection radius, minimum cell size per run, seeds, versions |",
         "",
         "CSV files start with `#` lines naming the protocol; read them with `pandas.read_csv(path, comment='#')`.",
-        "Per-cell details (checkpoint, TensorBoard run, candidate scores on val, per-image test scores) live in "
+        "Per-run details (checkpoint, TensorBoard run, candidate scores on val, per-image test scores) live in "
         "`../cells/<dataset>/<split>/<encoder>/`.",
     ]
     atomic_write_text(results / "README.md", "\n".join(lines) + "\n")

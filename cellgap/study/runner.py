@@ -1,9 +1,10 @@
-"""Running the grid: every (split, encoder) cell trained, its minimum cell size chosen on val, tested; resumable.
+"""Running the grid: every run (one encoder × split) trained, its minimum cell size chosen on val, tested; resumable.
 
-A cell runs in three stages through its encoder's bundle — train, select (:mod:`.selection`), evaluate — and
-``cell.json`` is written atomically after each.  A cell that raises is recorded as ``"failed"`` and the grid
-goes on; a rerun skips cells done with unchanged settings, resumes a cell interrupted after training at the
-selection stage and restarts anything else cleanly.
+A run goes through three stages in its encoder's bundle — train, select (:mod:`.selection`), evaluate — and
+``cell.json`` is written atomically after each.  A run that raises is recorded as ``"failed"`` and the grid
+goes on; a rerun skips runs done with unchanged settings, resumes a run interrupted after training at the
+selection stage and restarts anything else cleanly.  Each run holds its folder's lock while it runs; under
+``torchrun`` each rank runs its share of the runs.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, p
                           "class_names": summary.get("class_names")}
         _log_selection(cell, selection, summary["metrics"])
         record["status"] = "done"
-    except Exception as e:  # one cell's crash must not stop the grid
+    except Exception as e:  # one run's crash must not stop the grid
         record["status"] = "failed"
         chain = error_chain(e)
         record["error"] = {"stage": stage, "type": type(e).__name__, "message": chain[-1], "chain": chain,
@@ -184,7 +185,7 @@ def _prepare_synthetic(root: Path, split: SplitSpec, params: dict, patience_s: f
 
 
 def _release_memory() -> None:
-    """Drop what a finished or crashed stage left behind (a CUDA OOM in one cell must not starve the next)."""
+    """Drop what a finished or crashed stage left behind (a CUDA OOM in one run must not starve the next)."""
     import torch
 
     gc.collect()
