@@ -25,6 +25,37 @@ class DatasetSelection:
     split_column: str
     empty_policy: str
 
+    # the facts a bundle config reads (``$@data.class_names`` …)
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info.class_names)
+
+    @property
+    def magnification(self):
+        return self.info.magnification
+
+    @property
+    def mpp(self) -> float:
+        return self.info.mpp
+
+    @property
+    def min_cell_size(self) -> int:
+        return self.info.cell_size
+
+    @property
+    def key_metric(self) -> str:
+        """The scalar that selects the checkpoint and stops early: mPQ+ for multi-class data, else PQ."""
+        return "mpq+" if self.num_classes > 1 else "pq"
+
+    @property
+    def stain_stats(self) -> str:
+        """The augmentation's stain statistics: the dataset's own where they were measured, else generic H&E."""
+        return self.name if self.name in ("pannuke", "conic", "cytodark0") else "he"
+
     def datalist(self, split: str) -> list[dict]:
         return datalist(self.root, split, self.split_column)
 
