@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import atomic_write_text
+from .data.registry import DATASETS
 from .encoders import ENCODERS, EncoderSpec, get_encoder_spec
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -89,7 +90,7 @@ def _decoder_state() -> dict:
 def train_config(spec: EncoderSpec) -> dict:
     cfg = _common(spec)
     cfg.update({
-        "_desc_dataset": "synthetic | pannuke | conic | cytodark0 | folder; dataset_dir holds it prepared "
+        "_desc_dataset": " | ".join(DATASETS) + "; dataset_dir holds it prepared "
                          "(scripts/prepare_data.py); synthetic is generated there on first use",
         "dataset": "synthetic",
         "dataset_dir": "$os.path.join(@bundle_root, 'data', @dataset)",
@@ -419,7 +420,7 @@ Only the decoder is trained; the encoder stays frozen (eval mode, no gradients, 
 {"Patch-14 encoders see each 256² tile resized to 224² (a 16×16 token grid)." if spec.input_size != 256 else ""}
 
 ## Data
-Choose with `--dataset synthetic|pannuke|conic|cytodark0|folder --dataset_dir <prepared folder>`.
+Choose with `--dataset {"|".join(DATASETS)} --dataset_dir <prepared folder>`.
 Real datasets are prepared once with `python scripts/prepare_data.py <name> ...` (see docs/datasets.md);
 `synthetic` (the default) is generated on first use and needs no download.
 

@@ -302,7 +302,17 @@ class LearningRateWriter:
         writer.add_scalar(self.tag, self.optimizer.param_groups[0]["lr"], engine.state.epoch)
 
 
-class TrainingLogs:
+class HandlerGroup:
+    """Several ignite / MONAI handlers that a config enables or disables as one (``self.handlers``, attached in order)."""
+
+    handlers: list
+
+    def attach(self, engine) -> None:
+        for handler in self.handlers:
+            handler.attach(engine)
+
+
+class TrainingLogs(HandlerGroup):
     """The trainer's logs as one handler: the loss per epoch (console) and per iteration (TensorBoard), the
     learning rate per epoch, and a progress bar; ``attach`` registers them in that order."""
 
@@ -317,12 +327,8 @@ class TrainingLogs:
             ProgressBar(persist=True),
         ]
 
-    def attach(self, engine) -> None:
-        for handler in self.handlers:
-            handler.attach(engine)
 
-
-class ValidationLogs:
+class ValidationLogs(HandlerGroup):
     """The validator's logs as one handler: the metrics (console and TensorBoard) and overlays of
     ``max_images`` validation tiles."""
 
@@ -333,10 +339,6 @@ class ValidationLogs:
 
         self.handlers = [StatsHandler(iteration_log=False), TensorBoardStatsHandler(log_dir=log_dir, iteration_log=False),
                          OverlayHandler(log_dir=log_dir, max_images=max_images)]
-
-    def attach(self, engine) -> None:
-        for handler in self.handlers:
-            handler.attach(engine)
 
 
 def run_training(early_stop, trainer, distributed: bool = False) -> int:
