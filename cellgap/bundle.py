@@ -39,11 +39,10 @@ W = "cellgap.workflow."
 def _common(spec: EncoderSpec) -> dict:
     """Fields shared by train.json and inference.json: paths, device, encoder, decoder."""
     return {
-        "imports": ["$import os"],
         "bundle_root": ".",
-        "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
-        "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
-        "output_dir": "$os.path.join(@bundle_root, 'runs')",
+        "ckpt_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "models"},
+        "ckpt_path": {"_target_": W + "path_in", "folder": "@ckpt_dir", "name": "model.pt"},
+        "output_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "runs"},
         "device": {"_target_": W + "default_device"},
         "amp": {"_target_": "torch.cuda.is_available"},
         "encoder": spec.key,
@@ -93,7 +92,7 @@ def train_config(spec: EncoderSpec) -> dict:
         "_desc_dataset": " | ".join(DATASETS) + "; dataset_dir holds it prepared "
                          "(scripts/prepare_data.py); synthetic is generated there on first use",
         "dataset": "synthetic",
-        "dataset_dir": "$os.path.join(@bundle_root, 'data', @dataset)",
+        "dataset_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "data", "subfolder": "@dataset"},
         "protocol": None,
         "synthetic": {"n_train": 160, "n_val": 24, "n_test": 24, "seed": 0, "magnification": 40},
         "data": {"_target_": "cellgap.data.selection.select_dataset", "name": "@dataset", "dataset_dir": "@dataset_dir",
@@ -146,7 +145,7 @@ def train_config(spec: EncoderSpec) -> dict:
         "cache_mode": "off",
         "cache_views": 4,
         "cache_dtype": "float16",
-        "cache_dir": "$os.path.join(@bundle_root, 'cache')",
+        "cache_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "cache"},
         "seed": 0,
         "view_spec": {"_target_": W + "view_spec", "cache_mode": "@cache_mode", "cache_views": "@cache_views",
                       "seed": "@seed", "stain_stats": "@stain_stats", "crop_size": "@train_crop_size",
@@ -250,6 +249,7 @@ def _initialize() -> list:
 # --------------------------------------------------------------------------------------------------
 def evaluate_config() -> dict:
     return {
+        "imports": ["$import os"],
         "eval_split": "test",
         "eval_dir": "$os.path.join(@output_dir, 'eval_' + @eval_split)",
         "bootstrap": 1000,
@@ -278,8 +278,8 @@ def inference_config(spec: EncoderSpec) -> dict:
     cfg = _common(spec)
     cfg.update({
         "_desc_input_dir": "folder of RGB tiles (.png, .tif, .tiff, .jpg) of any size",
-        "input_dir": "$os.path.join(@bundle_root, 'data', 'inference')",
-        "output_dir": "$os.path.join(@bundle_root, 'runs', 'inference')",
+        "input_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "data", "subfolder": "inference"},
+        "output_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "runs", "subfolder": "inference"},
         "trained": {"_target_": W + "TrainedFor", "path": "@ckpt_path"},
         "class_names": "$@trained.class_names",
         "num_classes": "$@trained.num_classes",
@@ -591,8 +591,6 @@ def _vendor_strings(obj):
     if isinstance(obj, list):
         return [_vendor_strings(v) for v in obj]
     if isinstance(obj, str):
-        if obj == "$import cellgap":
-            return "$import scripts"  # MONAI binds `import a.b` as the name "a.b"; expressions need `scripts`
         return obj.replace("cellgap.", VENDORED + ".") if "cellgap." in obj else obj
     return obj
 

@@ -19,6 +19,11 @@ from monai.transforms import Compose, Identityd, ScaleIntensityRanged
 CANDIDATE_KEYS = ("pred_instances", "pred_types", "pred_cells")
 
 
+def path_in(folder, name: str, subfolder: str | None = None) -> str:
+    """``folder/name`` (``folder/name/subfolder``): where a bundle keeps models, runs, data and caches."""
+    return os.path.join(folder, name, *([subfolder] if subfolder else []))
+
+
 # --------------------------------------------------------------------------------------------------
 # devices and processes
 # --------------------------------------------------------------------------------------------------

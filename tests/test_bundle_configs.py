@@ -65,6 +65,15 @@ def test_train_config_is_short_and_mostly_plain_values(key):
     assert expression_share(json.loads(path.read_text(encoding="utf-8"))) <= MAX_EXPRESSION_SHARE
 
 
+@pytest.mark.parametrize("key", sorted(ENCODERS))
+def test_all_workflow_configs_together_are_mostly_plain_values(key):
+    """train, evaluate, multi_gpu_train and inference: their value characters pooled (metadata.json excluded)."""
+    configs = [json.loads(p.read_text(encoding="utf-8"))
+               for p in sorted((ROOT / "bundles" / bundle_name(key) / "configs").glob("*.json")) if p.name != "metadata.json"]
+    assert len(configs) == 4
+    assert expression_share({"configs": configs}) <= MAX_EXPRESSION_SHARE
+
+
 def test_expression_share_counts_expression_characters():
     assert expression_share({"a": "$@x", "b": "abc", "c": [1, None]}) == pytest.approx(3 / (3 + 3 + 1 + 4))
 
