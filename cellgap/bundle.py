@@ -123,7 +123,7 @@ def train_config(spec: EncoderSpec) -> dict:
         "val_interval": 1,
         "_desc_key_metric": "scalar that selects the checkpoint and stops early: pq, bpq, mpq, mpq+, f1d, aji, aji+, dice "
                             "(default: mpq+ for multi-class data, else pq)",
-        "key_metric": "$@data.key_metric",
+        "key_metric": {"_target_": W + "default_key_metric", "num_classes": "@num_classes"},
         "grad_clip_norm": 0.001,
         "grad_clip_mode": "global",
         "loss_weights": None,

@@ -241,6 +241,11 @@ class CandidateOutput:
         return [self._one(item) for item in output]
 
 
+def default_key_metric(num_classes: int) -> str:
+    """The scalar that selects the checkpoint and stops early: mPQ+ for multi-class data, else PQ."""
+    return "mpq+" if num_classes > 1 else "pq"
+
+
 def _candidates(min_cell_size_candidates) -> list[int] | None:
     if min_cell_size_candidates is None:
         return None

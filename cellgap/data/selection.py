@@ -47,11 +47,6 @@ class DatasetSelection:
         return self.info.cell_size
 
     @property
-    def key_metric(self) -> str:
-        """The scalar that selects the checkpoint and stops early: mPQ+ for multi-class data, else PQ."""
-        return "mpq+" if self.num_classes > 1 else "pq"
-
-    @property
     def spec(self) -> registry.DatasetSpec:
         return registry.get(self.name)
 

@@ -83,11 +83,15 @@ def select_min_cell_size(root: Path, overrides: dict, cell: Path, candidates: li
 
 def set_checkpoint_min_cell_size(path: Path, size: int, metric: str) -> None:
     """Store the chosen size in the checkpoint meta, so inference with this decoder uses it."""
+    import io
+
     import torch
+
+    from ..atomic import atomic_write_bytes
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["meta"]["min_cell_size"] = int(size)
     ckpt["meta"]["min_cell_size_selection"] = f"best {metric} on the validation split"
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
