@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..magnification import parse_magnification
 from . import splits as splitting
 from .native import (
     IMAGE_SUFFIXES,
@@ -80,7 +81,7 @@ def _fact(field: str, value):
         return None  # not given: the default, or derived from the other of magnification/mpp
     if field == "magnification" and isinstance(value, str):
         try:
-            value = float(value.strip().lower().rstrip("x"))
+            value = parse_magnification(value)
         except ValueError:
             pass
     if field == "min_cell_size" and isinstance(value, (float, np.floating)) and float(value).is_integer():

@@ -30,11 +30,10 @@ import torch
 from torch.utils.data import Sampler
 
 from ..targets import instance_classes
+from .registry import DATASETS
 
-OVERSAMPLING_PRESETS: dict[str, dict] = {
-    "pannuke": {"multipliers": (1.0, 1.0, 1.0, 1.0), "clip_percentile": 98.5},
-    "conic": {"multipliers": (1.6, 1.6, 0.9, 0.9, 0.9), "clip_percentile": 97.0},
-}
+# the datasets' presets, from their registry entries
+OVERSAMPLING_PRESETS: dict[str, dict] = {name: dict(spec.oversampling) for name, spec in DATASETS.items() if spec.oversampling}
 
 
 def instance_class_counts(label: np.ndarray, classes: np.ndarray | None, num_classes: int) -> np.ndarray:
