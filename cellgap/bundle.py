@@ -36,7 +36,7 @@ def _common(spec: EncoderSpec) -> dict:
         # MONAI binds `import a.b` as the name "a.b": import the package, then the submodules it must hold.
         "imports": ["$import os", "$import torch", "$import ignite", "$import monai", "$import cellgap",
                     "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.device_augmentation",
-                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.training"],
+                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.data.trainable", "$import cellgap.training"],
         "bundle_root": ".",
         "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
         "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
@@ -98,6 +98,14 @@ def train_config(spec: EncoderSpec) -> dict:
         "train_crop_size": "@tile_size",
         "train_split": "train",
         "val_split": "val",
+        "_desc_validation": "false: train without validation or model selection and keep the last checkpoint",
+        "validation": True,
+        "_desc_val_fraction": "without a val split: the seeded share of the training images held out for validation "
+                              "(cellgap.data.splits.holdout_validation; fewer than 4 images give tiles cut from each)",
+        "val_fraction": 0.1,
+        "holdout_dir": "$os.path.join(@output_dir, 'holdout')",
+        "train_val": "$cellgap.data.splits.holdout_validation(@data, @train_split, @val_split, validation=@validation, "
+                     "fraction=@val_fraction, seed=@seed, holdout_dir=@holdout_dir, min_side=@train_crop_size)",
         "epochs": 300,
         "epoch_length": None,
         "batch_size": 4,
@@ -166,7 +174,7 @@ def train_config(spec: EncoderSpec) -> dict:
                                "if @cache_mode == 'off' else cellgap.cache.PrepareCachedCISCABatch(encoder=@network_def.encoder, "
                                "cache=@embedding_cache, dense_targets=@batch_dense_targets)",
         "train": {
-            "datalist": "$@data.datalist(@train_split)",
+            "datalist": "$cellgap.data.trainable.check_trainable(@train_val[0], @train_crop_size, @train_split)",
             "preprocessing": {"_target_": "Compose", "transforms": [
                 {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes",
                  "keys": ["image", "label", "classes", "contour_levels"]},
@@ -189,17 +197,18 @@ def train_config(spec: EncoderSpec) -> dict:
             ]},
             "dataset": {"_target_": "CacheDataset", "data": "@train#datalist", "transform": "@train#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
-            "sampler": "$cellgap.data.sampling.ClassBalancedSampler(cellgap.data.sampling.dataset_class_counts("
-                       "@train#datalist, @num_classes), seed=@seed, **cellgap.data.sampling.OVERSAMPLING_PRESETS.get("
-                       "@dataset, {})) if @balanced_sampling else None",
+            # epoch_length full batches per epoch from any number of tiles (with replacement when too few)
+            "sampler": "$cellgap.data.sampling.training_sampler(@train#datalist, @batch_size, @epoch_length, "
+                       "num_classes=@num_classes, balanced=@balanced_sampling, preset=@dataset, seed=@seed)",
             "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                            "shuffle": "$@train#sampler is None", "sampler": "@train#sampler",
                            "num_workers": "@num_workers", "drop_last": True, "pin_memory": "$@device.type == 'cuda'"},
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": [
                 {"_target_": "cellgap.training.DataWait"},  # first: its epoch time ends before validation
+                {"_target_": "cellgap.data.trainable.EpochStepsCheck"},  # an epoch of zero steps is an error
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-                 "interval": "@val_interval"},
+                 "interval": "@val_interval", "_disabled_": "$not @validation"},
                 {"_target_": "cellgap.training.GradientClipping", "parameters": "$@network_def.decoder.parameters()",
                  "max_norm": "@grad_clip_norm", "mode": "@grad_clip_mode"},
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "iteration_log": False,
@@ -211,6 +220,10 @@ def train_config(spec: EncoderSpec) -> dict:
                                        "@optimizer.param_groups[0]['lr'], engine.state.epoch)",
                  "_disabled_": "@is_not_rank0"},
                 {"_target_": "ignite.handlers.ProgressBar", "persist": True, "_disabled_": "@is_not_rank0"},
+                # without validation nothing selects a model: the last one is kept
+                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
+                 "save_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"},
+                 "save_final": True, "final_filename": "model.pt", "_disabled_": "$@validation or @is_not_rank0"},
             ],
             "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@epochs", "epoch_length": "@epoch_length",
                         "device": "@device", "train_data_loader": "@train#dataloader", "network": "@network",
@@ -219,7 +232,7 @@ def train_config(spec: EncoderSpec) -> dict:
                         "amp_kwargs": {"dtype": "$torch.bfloat16"}, "decollate": False},
         },
         "validate": {
-            "datalist": "$@data.datalist(@val_split)",
+            "datalist": "$@train_val[1]",
             "preprocessing": {"_target_": "Compose", "transforms": [
                 {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes"},
                 {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
@@ -263,7 +276,7 @@ def train_config(spec: EncoderSpec) -> dict:
                        "else @network.module.encoder, @train#datalist, @embedding_cache, "
                        "transform=cellgap.cache.default_fill_transform(@view_spec, @num_classes))"],
         "run": [
-            "$@validate#handlers#0.set_trainer(trainer=@train#trainer)",
+            "$@validation and @validate#handlers#0.set_trainer(trainer=@train#trainer)",
             "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, ignite.handlers.TerminateOnNan())",
             "$@train#trainer.run()",
         ],
