@@ -105,7 +105,7 @@ def train_config(spec: EncoderSpec) -> dict:
         "val_fraction": 0.1,
         "holdout_dir": "$os.path.join(@output_dir, 'holdout')",
         "train_val": "$cellgap.data.splits.holdout_validation(@data, @train_split, @val_split, validation=@validation, "
-                     "fraction=@val_fraction, seed=@seed, holdout_dir=@holdout_dir, min_side=@train_crop_size)",
+                     "fraction=@val_fraction, seed=@seed, holdout_dir=@holdout_dir, tile_side=max(@tile_size, @train_crop_size), crop_side=@train_crop_size)",
         "epochs": 300,
         "epoch_length": None,
         "batch_size": 4,

@@ -244,7 +244,7 @@ HOLDOUT_MIN_IMAGES = 4
 
 def holdout_validation(data, train_split: str = "train", val_split: str = "val", validation: bool = True,
                        fraction: float = HOLDOUT_FRACTION, seed: int = CISCA_SEED,
-                       holdout_dir: str | os.PathLike | None = None, min_side: int = 256,
+                       holdout_dir: str | os.PathLike | None = None, tile_side: int = 256, crop_side: int = 256,
                        say=print) -> tuple[list[dict], list[dict]]:
     """(training items, validation items) of a dataset selection (``data.datalist(split)``).
 
@@ -252,8 +252,9 @@ def holdout_validation(data, train_split: str = "train", val_split: str = "val",
     * The dataset has a ``val_split``: both splits as they are.
     * Otherwise a seeded share of the *training* images is held out, with a message (``say``); test rows
       are never read. With at least :data:`HOLDOUT_MIN_IMAGES` images, ``ceil(fraction · n)`` whole images
-      (stratified by tissue); with fewer, a strip ``min_side`` wide along one edge of each image (edge
-      chosen by the seed) is cut into ``min_side``² validation tiles and the rest of the image trains.
+      (stratified by tissue); with fewer, a strip ``tile_side`` wide along one edge of each image (edge
+      chosen by the seed) is cut into ``tile_side``² validation tiles and the rest of the image, at least
+      ``crop_side`` wide, trains.
       The pieces are written to ``holdout_dir`` (images, labels, classes), the dataset stays untouched.
       An image too small to give both a tile and a training crop is an error that names the fixes.
     """
@@ -279,16 +280,16 @@ def holdout_validation(data, train_split: str = "train", val_split: str = "val",
     rng = np.random.default_rng(seed)
     kept, held = [], []
     for item in train:
-        pieces = _cut_validation_strip(item, Path(holdout_dir), int(min_side), rng, val_split)
+        pieces = _cut_validation_strip(item, Path(holdout_dir), int(tile_side), int(crop_side), rng, val_split)
         kept.append(pieces[0])
         held.extend(pieces[1])
     say(f"no {val_split!r} split in {root} and only {len(train)} training image(s): holding out {len(held)} tile(s) "
-        f"of {min_side}² cut from one edge of each (seed {seed}, written to {holdout_dir}) for model selection and "
+        f"of {tile_side}² cut from one edge of each (seed {seed}, written to {holdout_dir}) for model selection and "
         "min-cell-size tuning; training crops come from the rest; the test split is not touched")
     return kept, held
 
 
-def _cut_validation_strip(item: Mapping, out: Path, side: int, rng: np.random.Generator,
+def _cut_validation_strip(item: Mapping, out: Path, side: int, crop: int, rng: np.random.Generator,
                           val_split: str) -> tuple[dict, list[dict]]:
     """(training item for the image minus a ``side``-wide edge strip, validation items for the strip's tiles)."""
     import io
@@ -304,13 +305,13 @@ def _cut_validation_strip(item: Mapping, out: Path, side: int, rng: np.random.Ge
     maps = {"label": read_label_image(item["label"])}
     if item.get("classes"):
         maps["classes"] = read_label_image(item["classes"])
-    if width >= 2 * side:
+    if width >= side + crop and height >= side:
         axis = 1
-    elif height >= 2 * side:
+    elif height >= side + crop and width >= side:
         axis = 0
     else:
         raise ValueError(
-            f"{item['image']}: {height}×{width} is too small to hold out a {side}² validation tile and keep a {side}² "
+            f"{item['image']}: {height}×{width} is too small to hold out a {side}² validation tile and keep a {crop}² "
             f"training crop (no {val_split!r} split in the dataset); add a {val_split!r} split (split.csv), train "
             f"with a smaller --crop, or train without validation (--no-val)")
     length = image.shape[axis]
