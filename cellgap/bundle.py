@@ -36,7 +36,7 @@ def _common(spec: EncoderSpec) -> dict:
         # MONAI binds `import a.b` as the name "a.b": import the package, then the submodules it must hold.
         "imports": ["$import os", "$import torch", "$import ignite", "$import monai", "$import cellgap",
                     "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.device_augmentation",
-                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.data.trainable", "$import cellgap.training"],
+                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.data.trainable", "$import cellgap.data.stain", "$import cellgap.training"],
         "bundle_root": ".",
         "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
         "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
@@ -136,7 +136,9 @@ def train_config(spec: EncoderSpec) -> dict:
                                    "Leave it off on a CPU: there the batch step costs more than the workers' numpy",
         "targets_on_device": False,
         "batch_dense_targets": "$cellgap.targets.DenseTargets() if @targets_on_device else None",
-        "stain_stats": "$@dataset if @dataset in ('pannuke', 'conic', 'cytodark0') else 'he'",
+        "_desc_stain_stats": "LAB statistics of the stain jitter, None leaves it out: by the dataset's stain_kind "
+                             "(cellgap.data.stain.jitter_statistics: H&E and the measured built-in datasets only)",
+        "stain_stats": "$cellgap.data.stain.jitter_statistics(@dataset, @dataset_info.stain_kind)",
         "balanced_sampling": False,
         "_desc_cache_mode": "embedding cache of the frozen encoder's maps: off (features on the fly, random augmentation), "
                             "clean (no augmentation), views (cache_views fixed augmented views per tile); see docs/cache.md",

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--class-names", help="folder: comma-separated class names in class-id order")
     group.add_argument("--name", help="folder: dataset name")
     group.add_argument("--min-cell-size", type=int, help="folder: minimum cell size of post-processing (pixels)")
+    group.add_argument("--stain-kind", choices=("he", "ihc", "nissl", "fluorescence", "other"),
+                       help="folder: the stain (default he); the H&E stain jitter applies to he only (docs/datasets.md)")
     group.add_argument("--empty-policy", choices=("skip", "nan"), help="folder: images without cells in metrics")
     group.add_argument("--split-csv", help="folder: split file (id,split[,tissue]); default <raw>/split.csv if present")
     group.add_argument("--tile-size", type=int, help="cytodark0/folder: also write non-overlapping tiles (0: none)")
@@ -76,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def conversion_options(args: argparse.Namespace) -> dict:
     options = {"protocol": args.protocol, "seed": args.seed, "cisca_folds": args.cisca_folds, "mpp": args.mpp,
                "name": args.name, "min_cell_size": args.min_cell_size, "empty_policy": args.empty_policy,
+               "stain_kind": args.stain_kind,
                "split_csv": args.split_csv, "metadata": args.metadata, "workers": args.workers,
                "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
     if args.folds:
