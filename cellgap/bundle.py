@@ -36,7 +36,7 @@ def _common(spec: EncoderSpec) -> dict:
         # MONAI binds `import a.b` as the name "a.b": import the package, then the submodules it must hold.
         "imports": ["$import os", "$import torch", "$import ignite", "$import monai", "$import cellgap",
                     "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.device_augmentation",
-                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.data.trainable", "$import cellgap.data.stain", "$import cellgap.training"],
+                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.data.trainable", "$import cellgap.data.stain", "$import cellgap.monitoring", "$import cellgap.training"],
         "bundle_root": ".",
         "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
         "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
@@ -221,7 +221,7 @@ def train_config(spec: EncoderSpec) -> dict:
                  "epoch_event_writer": "$lambda engine, writer: writer.add_scalar('learning_rate', "
                                        "@optimizer.param_groups[0]['lr'], engine.state.epoch)",
                  "_disabled_": "@is_not_rank0"},
-                {"_target_": "ignite.handlers.ProgressBar", "persist": True, "_disabled_": "@is_not_rank0"},
+                {"_target_": "cellgap.monitoring.EpochProgressBar", "_disabled_": "@is_not_rank0"},  # loss, steps/s, ETA
                 # without validation nothing selects a model: the last one is kept
                 {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
                  "save_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"},
@@ -259,6 +259,8 @@ def train_config(spec: EncoderSpec) -> dict:
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False,
                  "step_transform": "$lambda engine: engine.state.metrics['val_key_metric']"},
                 {"_target_": "StatsHandler", "iteration_log": False, "_disabled_": "@is_not_rank0"},
+                {"_target_": "cellgap.monitoring.ValidationLine", "name": "$'key metric ' + @key_metric",
+                 "_disabled_": "@is_not_rank0"},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False,
                  "_disabled_": "@is_not_rank0"},
                 {"_target_": "cellgap.visualization.OverlayHandler", "log_dir": "@output_dir", "max_images": 4,
