@@ -296,7 +296,8 @@ def evaluate_config() -> dict:
         "eval_split": "test",
         "eval_dir": "$os.path.join(@output_dir, 'eval_' + @eval_split)",
         "bootstrap": 1000,
-        "validate#datalist": "$@data.datalist(@eval_split)",
+        # the val split, or the share of the training images held out for it (min-cell-size tuning reads it)
+        "validate#datalist": "$@train_val[1] if @eval_split == @val_split and @validation else @data.datalist(@eval_split)",
         "validate#metric_protocol": "$@data.metric_protocol(@eval_split)",
         "validate#key_metric#val_key_metric#prefix": "",
         "validate#handlers": [

@@ -135,3 +135,19 @@ def test_labels_without_a_cell_stop_before_training(tmp_path):
         from cellgap.data.trainable import check_trainable
 
         check_trainable(datalist(data, "train"), 64)
+
+
+def test_evaluating_the_val_split_reads_the_held_out_share(tmp_path):
+    """The minimum-cell-size choice (the study's selection) evaluates eval_split 'val': the held-out tiles."""
+    from monai.bundle import ConfigParser
+
+    data = prepared(tmp_path, ["train", "test"], size=320)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"bundle_root": str(CONFIGS.parent), "dataset": "folder", "dataset_dir": str(data), "tile_size": 64,
+                   "train_crop_size": 128, "output_dir": str(tmp_path / "runs"), "eval_split": "val"})
+    names = [Path(item["image"]).name for item in parser.get_parsed_content("validate#datalist")]
+    assert names == ["img0_val0.png", "img0_val1.png"]
+    parser.update({"eval_split": "test"})
+    parser.parse()
+    assert [Path(item["image"]).name for item in parser.get_parsed_content("validate#datalist")] == ["img1.png"]
