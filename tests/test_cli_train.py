@@ -98,3 +98,14 @@ def test_an_unreadable_prepared_folder_is_named(tmp_path, capsys):
 def test_evaluate_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert cellgap("evaluate", tmp_path) == 1
     assert "run.json: missing" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_of_another_encoder_is_refused_with_the_reason(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "last.pt").write_bytes(b"state")
+    record = json.loads((trained_run / "run" / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(record))
+    assert cellgap("train", trained_run / "data", "--encoder", "uni", "--out", run, "--resume") == 1
+    assert "trained with encoder 'convnext_atto', not 'uni'" in capsys.readouterr().err
+    assert (run / "models" / "last.pt").read_bytes() == b"state"  # nothing touched

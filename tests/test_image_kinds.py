@@ -2,6 +2,7 @@
 the file; the stain kind decides where the H&E stain jitter applies."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,15 @@ def test_a_user_folder_of_16_bit_fluorescence_with_its_stain_kind(tmp_path):
     assert read_dataset_info(out).stain_kind == "fluorescence"
     image = np.asarray(Image.open(out / "images" / "t0.png"))
     assert image.shape == (32, 32, 3) and image[12, 12, 0] > 240 and image[0, 0, 0] < 20
+    from monai.bundle import ConfigParser
+
+    from cellgap.bundle import bundle_name
+    from cellgap.encoders import DEMO_ENCODER
+
+    parser = ConfigParser()  # the bundle leaves the H&E stain jitter out for this dataset
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / bundle_name(DEMO_ENCODER) / "configs" / "train.json"))
+    parser.update({"dataset": "folder", "dataset_dir": str(out)})
+    assert parser.get_parsed_content("stain_stats") is None
     (raw / "cellgap.json").write_text(json.dumps({"magnification": 40, "stain_kind": "dapi"}))
     with pytest.raises(ValueError, match=r"cellgap\.json: field 'stain_kind' is 'dapi'; expected one of"):
         folder.convert(raw, tmp_path / "again", progress=False, workers=1)
