@@ -77,6 +77,12 @@ def _evaluator(**parts) -> dict:
             "prepare_batch": "@prepare_batch", "amp": "@amp", "amp_kwargs": "@amp_kwargs"}
 
 
+# how the training and validation items are chosen (train.json's train_val, evaluate.json's data list)
+_SPLIT_OPTIONS = {"data": "@data", "train_split": "@train_split", "val_split": "@val_split", "validation": "@validation",
+                  "val_fraction": "@val_fraction", "seed": "@seed", "holdout_dir": "@holdout_dir",
+                  "tile_size": "@tile_size", "crop_size": "@train_crop_size"}
+
+
 def _checkpoint_meta(**extra) -> dict:
     return {"_target_": "cellgap.training.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
             "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps", **extra}
@@ -111,6 +117,13 @@ def train_config(spec: EncoderSpec) -> dict:
         "train_crop_size": "@tile_size",
         "train_split": "train",
         "val_split": "val",
+        "_desc_validation": "false: train without validation or model selection and keep the last checkpoint",
+        "validation": True,
+        "_desc_val_fraction": "without a val split: the seeded share of the training images held out for validation "
+                              "(cellgap.data.splits.holdout_validation; fewer than 4 images give tiles cut from each)",
+        "val_fraction": 0.1,
+        "holdout_dir": {"_target_": W + "path_in", "folder": "@output_dir", "name": "holdout"},
+        "train_val": {"_target_": W + "train_and_validation", **_SPLIT_OPTIONS},
         "epochs": 300,
         "epoch_length": None,
         "batch_size": 4,
@@ -174,22 +187,25 @@ def train_config(spec: EncoderSpec) -> dict:
                                 "targets_on_device": "@targets_on_device", "stain_stats": "@stain_stats",
                                 "prob_scale": "@augment_prob_scale", "seed": "@seed"},
         "train": {
-            "datalist": "$@data.datalist(@train_split)",
+            "datalist": "$@train_val[0]",
             "preprocessing": {"_target_": W + "train_preprocessing", "num_classes": "@num_classes",
                               "magnification": "@magnification", "num_contour_classes": "@num_contour_classes",
                               "view_spec": "@view_spec", "photometric_on_device": "@photometric_on_device",
                               "targets_on_device": "@targets_on_device", "cache": "@embedding_cache"},
             "dataset": {"_target_": "CacheDataset", "data": "@train#datalist", "transform": "@train#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
-            "sampler": {"_target_": W + "balanced_sampler", "balanced_sampling": "@balanced_sampling",
-                        "datalist": "@train#datalist", "num_classes": "@num_classes", "dataset": "@dataset", "seed": "@seed"},
+            # epoch_length full batches per epoch from any number of tiles (with replacement when too few)
+            "sampler": {"_target_": "cellgap.data.sampling.training_sampler", "datalist": "@train#datalist",
+                        "batch_size": "@batch_size", "epoch_length": "@epoch_length", "num_classes": "@num_classes",
+                        "balanced": "@balanced_sampling", "preset": "@dataset", "seed": "@seed"},
             "dataloader": {"_target_": W + "data_loader", "dataset": "@train#dataset", "batch_size": "@batch_size",
                            "device": "@device", "num_workers": "@num_workers", "sampler": "@train#sampler", "train": True},
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": [
                 {"_target_": "cellgap.training.DataWait"},  # first: its epoch time ends before validation
+                {"_target_": "cellgap.data.trainable.EpochStepsCheck"},  # an epoch of zero steps is an error
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-                 "interval": "@val_interval"},
+                 "interval": "@val_interval", "_disabled_": "$not @validation"},
                 {"_target_": "cellgap.training.GradientClipping", "parameters": "$@network_def.decoder.parameters()",
                  "max_norm": "@grad_clip_norm", "mode": "@grad_clip_mode"},
                 {"_target_": W + "TrainingLogs", "log_dir": "@output_dir", "optimizer": "@optimizer",
@@ -202,7 +218,7 @@ def train_config(spec: EncoderSpec) -> dict:
                         "amp_kwargs": "@amp_kwargs", "decollate": False},
         },
         "validate": {
-            "datalist": "$@data.datalist(@val_split)",
+            "datalist": "$@train_val[1]",
             "preprocessing": {"_target_": W + "eval_preprocessing", "num_classes": "@num_classes"},
             "dataset": {"_target_": "CacheDataset", "data": "@validate#datalist", "transform": "@validate#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
@@ -222,7 +238,8 @@ def train_config(spec: EncoderSpec) -> dict:
                 "@validate#early_stop",
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False,
                  "step_transform": {"_target_": "monai.handlers.stopping_fn_from_metric", "metric_name": "val_key_metric"}},
-                {"_target_": W + "ValidationLogs", "log_dir": "@output_dir", "max_images": 4, "_disabled_": "@is_not_rank0"},
+                {"_target_": W + "ValidationLogs", "log_dir": "@output_dir", "key_metric": "@key_metric", "max_images": 4,
+                 "_disabled_": "@is_not_rank0"},
                 {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": _decoder_state(),
                  "save_key_metric": True, "key_metric_filename": "model.pt", "_disabled_": "@is_not_rank0"},
             ],
@@ -253,7 +270,8 @@ def evaluate_config() -> dict:
         "eval_split": "test",
         "eval_dir": "$os.path.join(@output_dir, 'eval_' + @eval_split)",
         "bootstrap": 1000,
-        "validate#datalist": "$@data.datalist(@eval_split)",
+        # the split, or for the val split the share of the training images held out for it when the dataset has none
+        "validate#datalist": {"_target_": W + "evaluation_datalist", "split": "@eval_split", **_SPLIT_OPTIONS},
         "validate#key_metric#split": "@eval_split",
         "validate#key_metric#prefix": "",
         "validate#checkpoint_loader": {

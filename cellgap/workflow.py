@@ -175,14 +175,29 @@ def image_datalist(folder) -> list[dict]:
     return [{"image": f} for f in image_files(folder)]
 
 
-def balanced_sampler(balanced_sampling: bool, datalist, num_classes: int, dataset: str, seed: int = 0):
-    """The class-balanced training sampler with the dataset's oversampling preset; None: plain shuffling."""
-    if not balanced_sampling:
-        return None
-    from .data.sampling import OVERSAMPLING_PRESETS, ClassBalancedSampler, dataset_class_counts
+def train_and_validation(data, train_split: str, val_split: str, validation: bool, val_fraction: float, seed: int,
+                         holdout_dir, tile_size: int, crop_size: int) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items): the dataset's splits, or a seeded share of the training images held
+    out when it has no validation split (``cellgap.data.splits.holdout_validation``); the training items are
+    checked to give at least one crop with a cell before anything trains."""
+    from .data.splits import holdout_validation
+    from .data.trainable import check_trainable
 
-    return ClassBalancedSampler(dataset_class_counts(datalist, num_classes), seed=seed,
-                                **OVERSAMPLING_PRESETS.get(dataset, {}))
+    train, val = holdout_validation(data, train_split, val_split, validation=validation, fraction=val_fraction, seed=seed,
+                                    holdout_dir=holdout_dir, tile_side=max(tile_size, crop_size), crop_side=crop_size)
+    return check_trainable(train, crop_size, train_split), val
+
+
+def evaluation_datalist(data, split: str, train_split: str, val_split: str, validation: bool, val_fraction: float,
+                        seed: int, holdout_dir, tile_size: int, crop_size: int) -> list[dict]:
+    """The items evaluated on ``split``: for the validation split of a dataset without one, the same held-out
+    share training validated on (the study tunes the minimum cell size on it); otherwise the split itself."""
+    if split == val_split and validation:
+        from .data.splits import holdout_validation
+
+        return holdout_validation(data, train_split, val_split, validation=True, fraction=val_fraction, seed=seed,
+                                  holdout_dir=holdout_dir, tile_side=max(tile_size, crop_size), crop_side=crop_size)[1]
+    return data.datalist(split)
 
 
 def data_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0, sampler=None,
@@ -324,30 +339,33 @@ class HandlerGroup:
 
 class TrainingLogs(HandlerGroup):
     """The trainer's logs as one handler: the loss per epoch (console) and per iteration (TensorBoard), the
-    learning rate per epoch, and a progress bar; ``attach`` registers them in that order."""
+    learning rate per epoch, and a progress bar per epoch (loss, steps/s, ETA); ``attach`` registers them in that order."""
 
     def __init__(self, log_dir, optimizer: torch.optim.Optimizer):
-        from ignite.handlers import ProgressBar
         from monai.handlers import StatsHandler, TensorBoardStatsHandler
+
+        from .monitoring import EpochProgressBar
 
         self.handlers = [
             StatsHandler(tag_name="train_loss", iteration_log=False, output_transform=training_loss),
             TensorBoardStatsHandler(log_dir=log_dir, tag_name="train_loss", output_transform=training_loss),
             TensorBoardStatsHandler(log_dir=log_dir, iteration_log=False, epoch_event_writer=LearningRateWriter(optimizer)),
-            ProgressBar(persist=True),
+            EpochProgressBar(),
         ]
 
 
 class ValidationLogs(HandlerGroup):
-    """The validator's logs as one handler: the metrics (console and TensorBoard) and overlays of
-    ``max_images`` validation tiles."""
+    """The validator's logs as one handler: the metrics (console and TensorBoard), a short line with the key
+    metric and the best so far, and overlays of ``max_images`` validation tiles."""
 
-    def __init__(self, log_dir, max_images: int = 4):
+    def __init__(self, log_dir, key_metric: str = "", max_images: int = 4):
         from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
+        from .monitoring import ValidationLine
         from .visualization import OverlayHandler
 
-        self.handlers = [StatsHandler(iteration_log=False), TensorBoardStatsHandler(log_dir=log_dir, iteration_log=False),
+        self.handlers = [StatsHandler(iteration_log=False), ValidationLine(name=f"key metric {key_metric}" if key_metric else ""),
+                         TensorBoardStatsHandler(log_dir=log_dir, iteration_log=False),
                          OverlayHandler(log_dir=log_dir, max_images=max_images)]
 
 

@@ -129,9 +129,9 @@ def test_stain_statistics_and_oversampling_are_read_from_the_registry():
 
     for name, spec in DATASETS.items():
         if spec.stain_statistics is None:
-            assert spec.stain_stats == "he" and name not in STAIN_STATISTICS
+            assert spec.stain_stats() == "he" and name not in STAIN_STATISTICS
         else:
-            assert spec.stain_stats == name
+            assert spec.stain_stats() == name
             assert stain_statistics(name).mean_mu == spec.stain_statistics["mean_mu"]
         assert OVERSAMPLING_PRESETS.get(name, {}) == dict(spec.oversampling)
     assert get("cytodark0").stain == "nissl"

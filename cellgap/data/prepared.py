@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..atomic import atomic_write_text  # noqa: F401  (re-exported for the converters)
 from ..magnification import MagnificationProfile, profile_for
+from .stain import check_stain_kind
 
 MANIFEST = "manifest.csv"
 INFO = "dataset.json"
@@ -53,6 +54,9 @@ class DatasetInfo:
     tissue_label: str = "tissue"  # what the grouping column means: tissue, brain area, cohort
     description: str = ""
     extra: dict = field(default_factory=dict)
+    # he | ihc | nissl | fluorescence | other: where the H&E stain jitter applies (data.stain); None: the stain of the
+    # dataset's registry entry (H&E for a user folder), so datasets prepared before this field keep their jitter
+    stain_kind: str | None = None
 
     def __post_init__(self):
         def problem(text: str) -> ValueError:
@@ -72,6 +76,11 @@ class DatasetInfo:
             raise problem(f"min_cell_size must be a whole number of pixels ≥ 1 (or null for the default), got {size!r}")
         if self.empty_policy not in EMPTY_POLICIES:
             raise problem(f"empty_policy must be one of {EMPTY_POLICIES}, got {self.empty_policy!r}")
+        try:
+            if self.stain_kind is not None:
+                check_stain_kind(self.stain_kind)
+        except ValueError as error:
+            raise problem(str(error)) from None
         object.__setattr__(self, "class_names", tuple(self.class_names))
 
     @property

@@ -21,8 +21,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .prepared import DatasetInfo, read_dataset_info
+from .stain import STAIN_KINDS
 
-STAIN_KINDS = ("he", "ihc", "nissl", "fluorescence", "other")
 METRIC_PRESETS = ("pannuke", "conic", "cisca", "custom")  # cellgap.metrics.protocol.Protocol.for_dataset
 
 
@@ -89,10 +89,14 @@ class DatasetSpec:
             return "custom"
         return self.protocol(protocol if protocol is not None else self.default_protocol).metric_preset
 
-    @property
-    def stain_stats(self) -> str:
-        """What the augmentation's stain jitter is given: the dataset's own statistics, or generic H&E (``he``)."""
-        return self.name if self.stain_statistics is not None else "he"
+    def stain_stats(self, stain_kind: str | None = None) -> str | None:
+        """What the augmentation's stain jitter is given for data of ``stain_kind`` (default: the spec's): the
+        dataset's own LAB statistics where they were measured on that stain, the generic H&E ones for other H&E
+        data, None (no stain jitter) for any other stain, where H&E colours would mean nothing."""
+        kind = self.stain if stain_kind is None else stain_kind
+        if self.stain_statistics is not None and kind == self.stain:
+            return self.name
+        return "he" if kind == "he" else None
 
     # -- the converter, resolved on use
     def _function(self, name: str) -> Callable:

@@ -205,9 +205,42 @@ class ClassBalancedSampler(Sampler[int]):
         return iter(draw[self.rank :: self.num_replicas].tolist())
 
 
+def training_sampler(datalist: Sequence[Mapping], batch_size: int, epoch_length: int | None = None,
+                     num_classes: int = 1, balanced: bool = False, preset: str | None = None,
+                     seed: int = 0) -> ClassBalancedSampler:
+    """The training loader's sampler: ``epoch_length`` full batches per epoch whatever the dataset's size.
+
+    ``epoch_length`` None: one pass over the tiles (``len // batch_size`` batches, at least one), or the
+    oversampled list's length when ``balanced``. Fewer tiles than the epoch needs are drawn with
+    replacement (a single large image gives every crop of the epoch); otherwise a seeded permutation
+    (uniform) or :func:`oversampling_weights` draws (``balanced``, with ``preset``'s multipliers from
+    :data:`OVERSAMPLING_PRESETS`). The draw is a multiple of ``batch_size``, so the loader's
+    ``drop_last`` never drops a batch: an epoch never runs zero steps.
+    """
+    tiles = len(datalist)
+    if tiles == 0:
+        raise ValueError("training datalist: no tiles; the training split of the dataset is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, (int, np.integer))
+                                     or epoch_length < 1):
+        raise ValueError(f"epoch_length: expected a positive number of steps or None (one pass), got {epoch_length!r}")
+    if balanced:
+        counts = dataset_class_counts(datalist, num_classes)
+        options = OVERSAMPLING_PRESETS.get(preset or "", {})
+        per_epoch = int(round(oversampling_weights(counts, **options).sum()))
+    else:
+        counts, options, per_epoch = np.ones((tiles, 1)), {}, tiles
+    steps = int(epoch_length) if epoch_length is not None else max(1, per_epoch // int(batch_size))
+    draws = steps * int(batch_size)
+    return ClassBalancedSampler(counts, balance=bool(balanced), num_samples=draws,
+                                replacement=bool(balanced) or draws > tiles, seed=seed, **options)
+
+
 __all__ = [
     "OVERSAMPLING_PRESETS",
     "ClassBalancedSampler",
+    "training_sampler",
     "dataset_class_counts",
     "instance_class_counts",
     "oversampling_weights",

@@ -51,9 +51,9 @@ class DatasetSelection:
         return registry.get(self.name)
 
     @property
-    def stain_stats(self) -> str:
-        """The augmentation's stain statistics: the dataset's own where they were measured, else generic H&E."""
-        return self.spec.stain_stats
+    def stain_stats(self) -> str | None:
+        """The augmentation's stain statistics for this dataset's stain kind (``DatasetSpec.stain_stats``)."""
+        return self.spec.stain_stats(self.info.stain_kind)
 
     def datalist(self, split: str) -> list[dict]:
         return datalist(self.root, split, self.split_column)
