@@ -36,7 +36,8 @@ def _common(spec: EncoderSpec) -> dict:
         # MONAI binds `import a.b` as the name "a.b": import the package, then the submodules it must hold.
         "imports": ["$import os", "$import torch", "$import ignite", "$import monai", "$import cellgap",
                     "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.device_augmentation",
-                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.training"],
+                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.training",
+                    "$import cellgap.checkpoint", "$import cellgap.locking"],
         "bundle_root": ".",
         "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
         "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
@@ -156,11 +157,15 @@ def train_config(spec: EncoderSpec) -> dict:
                       "lr": "@learning_rate", "amsgrad": True, "eps": 1e-07},
         "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "optimizer": "@optimizer", "mode": "max",
                          "factor": 0.5, "patience": "@lr_patience"},
-        "checkpoint_meta": {"_target_": "cellgap.training.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
+        "checkpoint_meta": {"_target_": "cellgap.checkpoint.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
                             "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps",
+                            "decoder_config": "@decoder", "reduced_encoder": "@reduced_encoder",
+                            "encoder_weights": "@network_def#encoder_weights",
                             "extra": {"dataset": "$@dataset_info.name", "magnification": "@magnification",
                                       "mpp": "$@dataset_info.mpp", "min_cell_size": "@min_cell_size",
                                       "key_metric": "@key_metric", "cellgap_version": __version__}},
+        "_desc_resume": "continue from ckpt_dir's last.pt when there is one (a killed run restarted with the same command)",
+        "resume": True,
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
         "train_prepare_batch": "$cellgap.training.PrepareCISCABatch(photometric=@batch_photometric, dense_targets=@batch_dense_targets) "
                                "if @cache_mode == 'off' else cellgap.cache.PrepareCachedCISCABatch(encoder=@network_def.encoder, "
@@ -200,6 +205,12 @@ def train_config(spec: EncoderSpec) -> dict:
                 {"_target_": "cellgap.training.DataWait"},  # first: its epoch time ends before validation
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
                  "interval": "@val_interval"},
+                # after the ValidationHandler: the epoch's score is known when it saves; resumes on start
+                {"_target_": "cellgap.checkpoint.TrainingCheckpoints", "save_dir": "@ckpt_dir", "meta": "@checkpoint_meta",
+                 "network": "@network_def", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
+                 "validator": "@validate#evaluator", "key_metric_name": "val_key_metric",
+                 "early_stop": "@validate#handlers#0", "random_sources": "@train#dataset", "resume": "@resume",
+                 "lock": "@output_dir"},
                 {"_target_": "cellgap.training.GradientClipping", "parameters": "$@network_def.decoder.parameters()",
                  "max_norm": "@grad_clip_norm", "mode": "@grad_clip_mode"},
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "iteration_log": False,
@@ -248,9 +259,6 @@ def train_config(spec: EncoderSpec) -> dict:
                  "_disabled_": "@is_not_rank0"},
                 {"_target_": "cellgap.visualization.OverlayHandler", "log_dir": "@output_dir", "max_images": 4,
                  "_disabled_": "@is_not_rank0"},
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
-                 "save_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"},
-                 "save_key_metric": True, "key_metric_filename": "model.pt", "_disabled_": "@is_not_rank0"},
             ],
             "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
                           "network": "@network", "prepare_batch": "@prepare_batch", "inferer": "@validate#inferer",
@@ -282,9 +290,16 @@ def evaluate_config() -> dict:
         "validate#datalist": "$@data.datalist(@eval_split)",
         "validate#metric_protocol": "$@data.metric_protocol(@eval_split)",
         "validate#key_metric#val_key_metric#prefix": "",
+        # the network is rebuilt as the checkpoint says: its decoder, its encoder weights (a random one is stored in it)
+        "checkpoint": "$cellgap.checkpoint.read_checkpoint(@ckpt_path)",
+        "decoder": "$cellgap.checkpoint.decoder_config(@checkpoint)",
+        "reduced_encoder": "$@checkpoint['meta'].get('reduced_encoder', False)",
+        "encoder_weights": "$cellgap.checkpoint.default_encoder_weights(@checkpoint)",
+        "allow_random_encoder": "$@checkpoint['meta'].get('encoder_weights_id') == 'random'",
         "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$cellgap.training.existing_checkpoint(@ckpt_path)",
-             "load_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"}, "map_location": "@device"},
+            {"_target_": "cellgap.checkpoint.CheckpointLoader", "load_path": "$cellgap.checkpoint.existing_checkpoint(@ckpt_path)",
+             "load_dict": "$cellgap.checkpoint.checkpoint_objects(@checkpoint_meta, @network_def)", "map_location": "@device"},
+            {"_target_": "cellgap.locking.OutputLock", "folder": "@eval_dir", "what": "evaluation"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "cellgap.metrics.handlers.MetricsReportSaver", "output_dir": "@eval_dir",
              "bootstrap": "@bootstrap", "extra": {"encoder": "@encoder", "checkpoint": "@ckpt_path",
@@ -305,7 +320,14 @@ def inference_config(spec: EncoderSpec) -> dict:
         "_desc_input_dir": "folder of RGB tiles (.png, .tif, .tiff, .jpg) of any size",
         "input_dir": "$os.path.join(@bundle_root, 'data', 'inference')",
         "output_dir": "$os.path.join(@bundle_root, 'runs', 'inference')",
-        "checkpoint": "$cellgap.training.read_checkpoint(@ckpt_path)",
+        "checkpoint": "$cellgap.checkpoint.read_checkpoint(@ckpt_path)",
+        # the network is rebuilt as the checkpoint says: its decoder, its encoder weights (a random one is stored in it)
+        "decoder": "$cellgap.checkpoint.decoder_config(@checkpoint)",
+        "reduced_encoder": "$@checkpoint['meta'].get('reduced_encoder', False)",
+        "num_contour_classes": "$@checkpoint['meta'].get('num_contour_classes', 3)",
+        "num_distance_maps": "$@checkpoint['meta'].get('num_distance_maps', 4)",
+        "encoder_weights": "$cellgap.checkpoint.default_encoder_weights(@checkpoint)",
+        "allow_random_encoder": "$@checkpoint['meta'].get('encoder_weights_id') == 'random'",
         "class_names": "$@checkpoint['meta']['class_names']",
         "num_classes": "$len(@class_names)",
         "magnification": "$@checkpoint['meta']['magnification']",
@@ -330,12 +352,15 @@ def inference_config(spec: EncoderSpec) -> dict:
              "mpp": "@mpp", "geojson": "@write_geojson"},
         ]),
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "map_location": "@device",
-             "load_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"}},
+            {"_target_": "cellgap.checkpoint.CheckpointLoader", "load_path": "@ckpt_path", "map_location": "@device",
+             "load_dict": "$cellgap.checkpoint.checkpoint_objects(@checkpoint_meta, @network_def)"},
+            {"_target_": "cellgap.locking.OutputLock", "folder": "@output_dir", "what": "inference"},
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
-        "checkpoint_meta": {"_target_": "cellgap.training.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
-                            "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps"},
+        "checkpoint_meta": {"_target_": "cellgap.checkpoint.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
+                            "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps",
+                            "decoder_config": "@decoder", "reduced_encoder": "@reduced_encoder",
+                            "encoder_weights": "@network_def#encoder_weights"},
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "prepare_batch": "@prepare_batch", "inferer": "@inferer",
@@ -637,6 +662,10 @@ def export_bundle(spec: EncoderSpec | str, out_dir: str | os.PathLike, checkpoin
             path.parent.mkdir(parents=True, exist_ok=True)
             if rel.endswith(".json") and rel != "configs/metadata.json":
                 text = _json(_vendor_strings(json.loads(text)))
+            elif rel == "configs/metadata.json":  # cellgap is vendored in scripts/; no package index has it
+                meta = json.loads(text)
+                meta["required_packages_version"].pop("cellgap", None)
+                text = _json(meta)
             path.write_text(text, encoding="utf-8")
         shutil.copytree(library, root / "scripts" / "cellgap", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (root / "scripts" / "__init__.py").write_text('"""Custom code of this bundle: a copy of the cellgap library."""\n')
