@@ -340,22 +340,23 @@ def save_atomically(obj, path: str | os.PathLike, previous: str | os.PathLike | 
 # random states (resume)
 # --------------------------------------------------------------------------------------------------
 def _random_sources(root) -> list:
-    """Objects below ``root`` (Compose / datasets / lists) that hold their own random state."""
+    """Objects reachable from ``root`` (a dataset, a Compose …) that hold their own random state: MONAI's
+    ``Randomizable`` ``R`` or a ``torch.Generator``, found through every attribute as ``monai.data.utils.set_rnd``
+    walks them (a dictionary transform's inner array transform has a RandomState of its own)."""
     found, stack, seen = [], [root], set()
     while stack:
         obj = stack.pop()
-        if obj is None or id(obj) in seen:
+        if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, torch.Tensor)):
             continue
         seen.add(id(obj))
         if isinstance(getattr(obj, "R", None), np.random.RandomState) or isinstance(getattr(obj, "generator", None), torch.Generator):
             found.append(obj)
         if isinstance(obj, (list, tuple)):
             stack.extend(reversed(obj))
-            continue
-        for attr in ("transform", "transforms", "dataset", "augmentation"):
-            child = getattr(obj, attr, None)
-            if child is not None and not isinstance(child, (str, bytes)):
-                stack.append(child)
+        elif isinstance(obj, dict):
+            stack.extend(reversed(list(obj.values())))
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+            stack.extend(reversed([v for k, v in vars(obj).items() if not k.startswith("__")]))
     return found
 
 

@@ -200,3 +200,53 @@ def test_the_exported_bundle_does_not_require_cellgap_from_an_index(trained, tmp
         inference = json.loads(zf.read(f"{bundle_name(DEMO_ENCODER)}/configs/inference.json"))
     assert "cellgap" not in meta["required_packages_version"]
     assert inference["decoder"] == "$scripts.cellgap.checkpoint.decoder_config(@checkpoint)"
+
+
+# --------------------------------------------------------------------------------------------------
+# resume (#20 item 4)
+# --------------------------------------------------------------------------------------------------
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _copy_models(trained: Path, tmp: Path) -> Path:
+    (tmp / "models").mkdir()
+    for name in (MODEL, LAST, PREVIOUS):
+        (tmp / "models" / name).write_bytes((trained / "models" / name).read_bytes())
+    return tmp / "models"
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(trained, tmp_path, capsys):
+    _train(tmp_path, epochs=1, dataset_dir=str(trained / "data"))
+    _train(tmp_path, epochs=2, dataset_dir=str(trained / "data"))  # the same run, asked for one more epoch
+    assert "resuming from" in capsys.readouterr().out
+    resumed = torch.load(tmp_path / "models" / LAST, weights_only=True)
+    reference = torch.load(trained / "models" / LAST, weights_only=True)
+    assert resumed["trainer"] == reference["trainer"]
+    assert _same_state(resumed["decoder"], reference["decoder"])  # bit-equal
+    assert resumed["best"] == reference["best"]
+    assert resumed["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, capfd):
+    models = _copy_models(trained, tmp_path)
+    (models / LAST).write_bytes((models / LAST).read_bytes()[:1000])  # torn, as by a disk-full or a copy cut short
+    _train(tmp_path, epochs=2, dataset_dir=str(trained / "data"))
+    err = capfd.readouterr().err
+    assert f"checkpoint {models / LAST}: cannot be read" in err and f"resuming from the previous one, {models / PREVIOUS}" in err
+    resumed = torch.load(models / LAST, weights_only=True)
+    reference = torch.load(trained / "models" / LAST, weights_only=True)
+    assert resumed["trainer"]["epoch"] == 2 and _same_state(resumed["decoder"], reference["decoder"])
+
+
+def test_resume_into_the_folder_of_another_run_is_refused_with_the_reason(trained, tmp_path):
+    models = _copy_models(trained, tmp_path)
+    for name in (MODEL, LAST):
+        state = torch.load(models / name, weights_only=True)
+        state["meta"]["dataset"] = "pannuke"
+        torch.save(state, models / name)
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    with pytest.raises(Exception) as info:
+        _train(tmp_path, epochs=3, dataset_dir=str(trained / "data"))
+    assert "dataset: 'pannuke' there, 'synthetic' here" in _chain(info.value) and "resume refused" in _chain(info.value)
+    assert {p.name: p.read_bytes() for p in models.iterdir() if not p.name.startswith(".")} == before
