@@ -42,8 +42,8 @@ def _run(configs, **overrides):
         run(config_file=[str(CONFIGS / c) for c in configs], **overrides)
 
 
-def _train(tmp: Path, epochs: int = 2, **extra):
-    _run(["train.json"], epochs=epochs, epoch_length=2, batch_size=2, val_batch_size=2, **_common(tmp, **extra))
+def _train(tmp: Path, epochs: int = 2, epoch_length: int = 2, **extra):
+    _run(["train.json"], epochs=epochs, epoch_length=epoch_length, batch_size=2, val_batch_size=2, **_common(tmp, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +250,48 @@ def test_resume_into_the_folder_of_another_run_is_refused_with_the_reason(traine
         _train(tmp_path, epochs=3, dataset_dir=str(trained / "data"))
     assert "dataset: 'pannuke' there, 'synthetic' here" in _chain(info.value) and "resume refused" in _chain(info.value)
     assert {p.name: p.read_bytes() for p in models.iterdir() if not p.name.startswith(".")} == before
+
+
+KILLABLE_TRAINING = """
+import sys, warnings
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from ignite.engine import Events
+import cellgap.checkpoint as checkpoint
+import test_checkpoint as t
+
+attach = checkpoint.TrainingCheckpoints.attach
+def attach_and_report(self, engine):  # says which iteration ran, so that the test kills it mid-epoch
+    attach(self, engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: print("iteration", e.state.iteration, flush=True))
+checkpoint.TrainingCheckpoints.attach = attach_and_report
+t._train(Path(sys.argv[1]), epochs=3, epoch_length=2, dataset_dir=sys.argv[2])
+"""
+
+
+@pytest.mark.heavy
+def test_a_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(trained, tmp_path):
+    """kill -9 in the second epoch, the same command again: the decoder equals an uninterrupted run's, bit for bit.
+    Each epoch here is one pass over the 4 training tiles (2 batches of 2): see docs/guarantees.md for epochs that
+    end inside a pass."""
+    script = KILLABLE_TRAINING.format(tests=str(ROOT / "tests"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for name in ("reference", "killed"):
+        command = [sys.executable, "-c", script, str(tmp_path / name), str(trained / "data")]
+        if name == "killed":
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            for line in process.stdout:
+                if line.strip() == "iteration 3":  # epoch 2 of 3, its first iteration
+                    process.send_signal(signal.SIGKILL)
+                    break
+            process.wait()
+            assert torch.load(tmp_path / name / "models" / LAST, weights_only=True)["trainer"]["epoch"] == 1
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if name == "killed":
+            assert "resuming from" in result.stdout and "epoch 1, iteration 2" in result.stdout
+        runs[name] = torch.load(tmp_path / name / "models" / LAST, weights_only=True)
+    assert runs["killed"]["trainer"] == runs["reference"]["trainer"] == {"epoch": 3, "iteration": 6, "epoch_length": 2}
+    assert _same_state(runs["killed"]["decoder"], runs["reference"]["decoder"])
+    assert runs["killed"]["best"] == runs["reference"]["best"]
