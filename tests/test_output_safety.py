@@ -132,3 +132,34 @@ def test_a_dead_conversions_lock_is_taken_over(tmp_path):
     assert holder.returncode == 0 and (tmp_path / ".out.lock" / LOCK_NAME).is_file()
     _write(out)
     assert len(read_manifest(out)) == 2 and not (tmp_path / ".out.lock").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_named_and_nothing_is_left(tmp_path):
+    from cellgap.data import folder
+
+    raw = write_folder(tmp_path / "raw", n_images=2, size=32, seed=0, classes=None)
+    odd = os.fsdecode(b"caf\xe9")  # "café" in Latin-1, as an old camera or a Windows share writes it
+    for sub, suffix in (("images", ".png"), ("labels", ".tif")):
+        first = sorted((raw / sub).iterdir())[0]
+        first.rename(raw / sub / f"{odd}{suffix}")
+    with pytest.raises(ValueError, match=r"tile 'caf\\\\xe9': its file name is not valid UTF-8.*rename the file"):
+        folder.convert(raw, tmp_path / "out", progress=False, magnification=40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no output, no partial folder, no lock
+
+
+def test_an_archive_whose_top_folder_is_downloads_is_refused(tmp_path):
+    import zipfile
+
+    from cellgap.data import download
+
+    raw = tmp_path / "raw"
+    (raw / "downloads").mkdir(parents=True)
+    (raw / "downloads" / "checksums.json").write_text('{"fold_1.zip": "abc"}')
+    archive = tmp_path / "odd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("downloads/readme.txt", "the archive's own notes")
+        zf.writestr("images/a.png", "x")
+    before = _files(raw)
+    with pytest.raises(ValueError, match=r"odd\.zip: its top-level 'downloads' would replace .*nothing was extracted"):
+        download.extract_archive(archive, raw, progress=False)
+    assert _files(raw) == before and not (raw / "images").exists()

@@ -274,6 +274,13 @@ class PreparedWriter:
             raise ValueError(f"{self.root}: duplicate tile id {tile_id!r}")
         if "/" in tile_id or "\\" in tile_id or tile_id.startswith("."):
             raise ValueError(f"tile id {tile_id!r}: must be a plain file name")
+        try:
+            tile_id.encode("utf-8")
+        except UnicodeEncodeError:  # a file name in another encoding, read by Python with surrogate escapes
+            shown = os.fsencode(tile_id).decode("utf-8", errors="backslashreplace")
+            raise ValueError(f"tile {shown!r}: its file name is not valid UTF-8 (the manifest and the bundles need "
+                             f"UTF-8 names); rename the file (e.g. `convmv -f latin1 -t utf8 --notest <files>`) and "
+                             f"convert again; nothing was written to {self.root}") from None
         check_tile(image, label, classes, where=f"tile {tile_id!r}", num_classes=self.info.num_classes)
         unknown = set(extra) - set(self.columns)
         if unknown:
@@ -291,6 +298,9 @@ class PreparedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._finish(exc_type)
+        except BaseException:
+            shutil.rmtree(self.partial, ignore_errors=True)  # nothing half-written stays behind
+            raise
         finally:
             self._unlock()
 
