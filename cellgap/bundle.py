@@ -507,8 +507,10 @@ Real datasets are prepared once with `python scripts/prepare_data.py <name> ...`
 Adam (AMSGrad), learning rate 5e-4, batch 4, ReduceLROnPlateau (×0.5, patience 10) and early stopping
 (patience 20) on the validation key metric (`mpq+` for multi-class data, `pq` for single-class), CISCA loss
 (contour CCE + Dice, distance MAE + MSGE, type CE + Tversky), METHOD.md §7 augmentation, targets recomputed
-after augmentation. GPU: bf16 autocast. Checkpoints (`models/model.pt`) hold the decoder only, plus the
-encoder, classes and magnification they were trained for.
+after augmentation. GPU: bf16 autocast. Checkpoints: `models/model.pt`, the best model (replaced only by a
+better one), holds the decoder plus what rebuilds the network (encoder and its weights' identity, decoder
+architecture, classes, magnification); `models/last.pt` the state a killed run resumes from with the same
+command (`--resume false` starts afresh). See cellgap's docs/guarantees.md.
 Monitoring: `tensorboard --logdir runs` shows the training loss, learning rate, validation metrics and
 overlays, and `data_wait_share`, the share of each epoch the loop waited for data. On a GPU above 10 % a
 warning suggests more `--num_workers`, a packed dataset (`prepare_data.py --pack`), `--photometric_on_device true`
