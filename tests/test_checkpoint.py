@@ -295,3 +295,20 @@ def test_a_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(trained
     assert runs["killed"]["trainer"] == runs["reference"]["trainer"] == {"epoch": 3, "iteration": 6, "epoch_length": 2}
     assert _same_state(runs["killed"]["decoder"], runs["reference"]["decoder"])
     assert runs["killed"]["best"] == runs["reference"]["best"]
+
+
+def test_a_second_training_into_the_same_folder_stops_naming_the_first(tmp_path):
+    models = tmp_path / "models"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom cellgap.locking import output_lock\n"
+         f"with output_lock({str(models)!r}, 'training'):\n    print('locked', flush=True)\n    sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(Exception) as info:
+            _train(tmp_path, epochs=1)
+        assert f"{models}: in use by training (pid {holder.pid}" in _chain(info.value)
+        assert [p.name for p in models.iterdir()] == [".cellgap.lock"]  # the first run's folder untouched
+    finally:
+        holder.kill()
+        holder.wait()
