@@ -123,7 +123,7 @@ class CheckpointMeta:
         theirs = state.get("encoder_weights_id")
         if theirs is not None and theirs != self.weights_id:
             found.append(f"encoder weights: checkpoint was trained with {describe_weights(theirs)}, this network has "
-                         f"{describe_weights(self.weights_id)}")
+                         f"{describe_weights(self.weights_id)}; pass the weights it was trained with as encoder_weights")
         saved_decoder = state.get("decoder_config")
         if saved_decoder is not None and self.decoder_config is not None and dict(saved_decoder) != self.decoder_config:
             found.append(f"decoder: checkpoint was trained with {dict(saved_decoder)}, this network has {self.decoder_config}")
@@ -414,7 +414,8 @@ class TrainingCheckpoints:
     ``ValidationHandler`` (its epoch's validation has run when this handler's epoch ends).
 
     - ``model.pt``: written when the validator's ``key_metric_name`` beats the best score so far, which starts from
-      the score in an existing ``model.pt`` of the folder (so a rerun never replaces a better model);
+      the score in an existing ``model.pt`` of the folder (so a rerun never replaces a better model); without a
+      ``validator`` (no model selection) the latest model, every epoch;
     - ``last.pt`` at every epoch's end: everything to resume from; the one before kept as ``last.prev.pt``;
     - on start, with ``resume``: a ``last.pt`` of the folder is loaded (ignite ``Checkpoint.load_objects``), the
       trainer continues with the epoch after it; a damaged one falls back to ``last.prev.pt`` with a message;
@@ -480,7 +481,8 @@ class TrainingCheckpoints:
         raise error  # ignite swallows an exception that a handler of this event does not raise again
 
     def started(self, engine: Engine) -> None:
-        self.best_score, self.best_epoch = self._best_on_disk()
+        if self.validator is not None:
+            self.best_score, self.best_epoch = self._best_on_disk()
         if self.resume_enabled:
             self.resume(engine)
 
@@ -567,6 +569,9 @@ class TrainingCheckpoints:
         return value if math.isfinite(value) else None
 
     def epoch_completed(self, engine: Engine) -> None:
+        if self.validator is None:  # no model selection: model.pt is the latest model
+            self.meta.progress = {"best_score": None, "epoch": engine.state.epoch, "iteration": engine.state.iteration}
+            self._save(self._model_objects(), MODEL)
         score = self._current_score(engine)
         if score is not None and (self.best_score is None or score > self.best_score):
             self.best_score, self.best_epoch = score, engine.state.epoch

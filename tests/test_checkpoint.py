@@ -312,3 +312,30 @@ def test_a_second_training_into_the_same_folder_stops_naming_the_first(tmp_path)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_without_validation_model_pt_is_the_latest_model(tmp_path):
+    """No model selection (no validator): model.pt follows the last epoch, its meta without a score."""
+    from types import SimpleNamespace
+
+    from ignite.engine import Engine
+
+    from cellgap.checkpoint import CheckpointMeta, TrainingCheckpoints
+
+    torch.manual_seed(0)
+    network = SimpleNamespace(decoder=torch.nn.Linear(2, 2), encoder=torch.nn.Linear(1, 1))
+    optimizer = torch.optim.SGD(network.decoder.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        optimizer.zero_grad()
+        network.decoder(batch).sum().backward()
+        optimizer.step()
+
+    trainer = Engine(step)
+    meta = CheckpointMeta(DEMO_ENCODER, ["cell"], encoder_weights=None, decoder_config={"widths": [2]})
+    TrainingCheckpoints(tmp_path / "models", meta, network, optimizer).attach(trainer)
+    trainer.run([torch.ones(1, 2)] * 3, max_epochs=2)
+    saved = torch.load(tmp_path / "models" / MODEL, weights_only=True)
+    assert saved["meta"]["best_score"] is None and saved["meta"]["epoch"] == 2 and saved["meta"]["iteration"] == 6
+    assert _same_state(saved["decoder"], network.decoder.state_dict()) and "encoder" in saved
+    assert not (tmp_path / "models" / ".cellgap.lock").exists()  # released at the end
