@@ -530,8 +530,13 @@ class TrainingCheckpoints:
                              f"{self.save_dir / PREVIOUS} to train from the start")
         self._check_identity(state["meta"], path, "belongs to another run")
         self.meta.source = f"checkpoint {path}"
+        to_load = self._resume_objects()
+        optional = [k for k in ("lr_scheduler", "scaler") if k in to_load and k not in state]
+        if optional:  # e.g. a CPU run (no AMP scaler) resumed on a GPU: those start afresh
+            logger.warning(f"{path}: holds no {' or '.join(optional)} state; starting them afresh")
+            to_load = {k: v for k, v in to_load.items() if k not in optional}
         try:
-            Checkpoint.load_objects(to_load=self._resume_objects(), checkpoint=state, strict=True)
+            Checkpoint.load_objects(to_load=to_load, checkpoint=state, strict=True)
         except RuntimeError as e:
             raise ValueError(shape_mismatch_message(path, "decoder or optimizer", e)) from None
         trainer = state["trainer"]

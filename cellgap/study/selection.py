@@ -93,7 +93,8 @@ def select_min_cell_size(root: Path, overrides: dict, cell: Path, candidates: li
         names = list(metrics)
         parser["validate#key_metric"] = {names[0]: metrics[names[0]]}
         parser["validate#evaluator#additional_metrics"] = {n: metrics[n] for n in names[1:]}
-        loaders = [h for h in parser.get("validate#handlers") if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
+        loaders = [h for h in parser.get("validate#handlers")
+                   if isinstance(h, dict) and str(h.get("_target_", "")).endswith("CheckpointLoader")]
         if not loaders:
             raise ValueError(f"bundle {root.name}: configs/evaluate.json has no CheckpointLoader in validate#handlers")
         parser["validate#handlers"] = [loaders[0], {"_target_": "cellgap.metrics.handlers.MetricsReportSaver",
