@@ -163,3 +163,16 @@ def test_an_archive_whose_top_folder_is_downloads_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"odd\.zip: its top-level 'downloads' would replace .*nothing was extracted"):
         download.extract_archive(archive, raw, progress=False)
     assert _files(raw) == before and not (raw / "images").exists()
+
+
+def test_a_png_above_the_decompression_bomb_limit_is_named_with_the_fix(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from cellgap.data import folder
+
+    raw = write_folder(tmp_path / "raw", n_images=2, size=32, seed=0, classes=None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32² tile is then 10 × the limit, as a slide would be
+    first = sorted((raw / "images").iterdir())[0]
+    with pytest.raises(ValueError, match=f"{first}: Image size .*cellgap segment.*MAX_IMAGE_PIXELS"):
+        folder.convert(raw, tmp_path / "out", progress=False, magnification=40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

@@ -160,6 +160,14 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
                 arr = np.asarray(im)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
+    except Exception as e:
+        from PIL import Image
+
+        if not isinstance(e, Image.DecompressionBombError):
+            raise
+        raise ValueError(f"{path}: {e} It is an image of whole-slide size: segment it with `cellgap segment` (which "
+                         f"reads it tile by tile) or cut it into tiles; if you trust the file, raise "
+                         f"PIL.Image.MAX_IMAGE_PIXELS") from None
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
         arr = np.moveaxis(arr, 0, -1)  # planar TIFF
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
