@@ -84,12 +84,23 @@ _SPLIT_OPTIONS = {"data": "@data", "train_split": "@train_split", "val_split": "
 
 
 def _checkpoint_meta(**extra) -> dict:
-    return {"_target_": "cellgap.training.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
-            "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps", **extra}
+    return {"_target_": "cellgap.checkpoint.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
+            "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps",
+            "decoder_config": "@decoder", "reduced_encoder": "@reduced_encoder", "encoder_weights": "@encoder_weights", **extra}
 
 
-def _decoder_state() -> dict:
-    return {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"}
+def _checkpoint_loader(**extra) -> dict:
+    """Loads a decoder checkpoint (meta first: a checkpoint of another encoder, weights or class set is refused)."""
+    return {"_target_": "cellgap.checkpoint.CheckpointLoader", "map_location": "@device",
+            "load_dict": {"_target_": "cellgap.checkpoint.checkpoint_objects", "meta": "@checkpoint_meta",
+                          "network": "@network_def"},
+            "load_path": {"_target_": "cellgap.checkpoint.existing_checkpoint", "path": "@ckpt_path"}, **extra}
+
+
+# evaluation and inference rebuild the network as the checkpoint says (its decoder, its encoder's weights)
+_TRAINED_NETWORK = {"trained": {"_target_": W + "TrainedFor", "path": "@ckpt_path"},
+                    "decoder": "$@trained.decoder", "reduced_encoder": "$@trained.reduced_encoder",
+                    "encoder_weights": "$@trained.encoder_weights", "allow_random_encoder": "$@trained.random_encoder"}
 
 
 def train_config(spec: EncoderSpec) -> dict:
@@ -181,6 +192,8 @@ def train_config(spec: EncoderSpec) -> dict:
         "checkpoint_meta": _checkpoint_meta(extra={
             "dataset": "@dataset_name", "magnification": "@magnification", "mpp": "$@data.mpp",
             "min_cell_size": "@min_cell_size", "key_metric": "@key_metric", "cellgap_version": __version__}),
+        "_desc_resume": "continue from ckpt_dir's last.pt when there is one (a killed run restarted with the same command)",
+        "resume": True,
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
         "train_prepare_batch": {"_target_": W + "train_prepare_batch", "cache_mode": "@cache_mode", "network": "@network_def",
                                 "cache": "@embedding_cache", "photometric_on_device": "@photometric_on_device",
@@ -206,6 +219,13 @@ def train_config(spec: EncoderSpec) -> dict:
                 {"_target_": "cellgap.data.trainable.EpochStepsCheck"},  # an epoch of zero steps is an error
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
                  "interval": "@val_interval", "_disabled_": "$not @validation"},
+                # after the ValidationHandler: the epoch's score is known when it saves; resumes on start; writes and
+                # locks on the first rank only (model.pt: the best, or the latest without validation; last.pt: resume)
+                {"_target_": "cellgap.checkpoint.TrainingCheckpoints", "save_dir": "@ckpt_dir", "meta": "@checkpoint_meta",
+                 "network": "@network_def", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
+                 "validator": "@validate#evaluator", "validation": "@validation", "key_metric_name": "val_key_metric",
+                 "early_stop": "@validate#early_stop", "random_sources": "@train#dataset", "resume": "@resume",
+                 "lock": "@output_dir"},
                 {"_target_": "cellgap.training.GradientClipping", "parameters": "$@network_def.decoder.parameters()",
                  "max_norm": "@grad_clip_norm", "mode": "@grad_clip_mode"},
                 {"_target_": W + "TrainingLogs", "log_dir": "@output_dir", "optimizer": "@optimizer",
@@ -240,8 +260,6 @@ def train_config(spec: EncoderSpec) -> dict:
                  "step_transform": {"_target_": "monai.handlers.stopping_fn_from_metric", "metric_name": "val_key_metric"}},
                 {"_target_": W + "ValidationLogs", "log_dir": "@output_dir", "key_metric": "@key_metric", "max_images": 4,
                  "_disabled_": "@is_not_rank0"},
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": _decoder_state(),
-                 "save_key_metric": True, "key_metric_filename": "model.pt", "_disabled_": "@is_not_rank0"},
             ],
             "evaluator": _evaluator(val_data_loader="@validate#dataloader", inferer="@validate#inferer",
                                     postprocessing="@validate#postprocessing", key_val_metric="@validate#key_metric",
@@ -274,11 +292,11 @@ def evaluate_config() -> dict:
         "validate#datalist": {"_target_": W + "evaluation_datalist", "split": "@eval_split", **_SPLIT_OPTIONS},
         "validate#key_metric#split": "@eval_split",
         "validate#key_metric#prefix": "",
-        "validate#checkpoint_loader": {
-            "_target_": "CheckpointLoader", "load_path": {"_target_": "cellgap.training.existing_checkpoint", "path": "@ckpt_path"},
-            "load_dict": _decoder_state(), "map_location": "@device"},
+        **_TRAINED_NETWORK,
+        "validate#checkpoint_loader": _checkpoint_loader(),
         "validate#handlers": [
             "@validate#checkpoint_loader",
+            {"_target_": "cellgap.locking.OutputLock", "folder": "@eval_dir", "what": "evaluation"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "cellgap.metrics.handlers.MetricsReportSaver", "output_dir": "@eval_dir",
              "bootstrap": "@bootstrap", "extra": {"encoder": "@encoder", "checkpoint": "@ckpt_path",
@@ -298,7 +316,9 @@ def inference_config(spec: EncoderSpec) -> dict:
         "_desc_input_dir": "folder of RGB tiles (.png, .tif, .tiff, .jpg) of any size",
         "input_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "data", "subfolder": "inference"},
         "output_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "runs", "subfolder": "inference"},
-        "trained": {"_target_": W + "TrainedFor", "path": "@ckpt_path"},
+        **_TRAINED_NETWORK,
+        "num_contour_classes": "$@trained.num_contour_classes",
+        "num_distance_maps": "$@trained.num_distance_maps",
         "class_names": "$@trained.class_names",
         "num_classes": "$@trained.num_classes",
         "magnification": "$@trained.magnification",
@@ -309,10 +329,11 @@ def inference_config(spec: EncoderSpec) -> dict:
         "network_def": _network_def(),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": W + "eval_preprocessing", "keys": ["image"]},
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        # a file that cannot be loaded, run or written is named and skipped; the run ends non-zero (cellgap.inference)
+        "dataset": {"_target_": "cellgap.inference.TolerantDataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@dataset", "batch_size": 1,
                        "shuffle": False, "num_workers": 2},
-        "inferer": _sliding_window(progress=True),
+        "inferer": _sliding_window(progress=True, _target_="cellgap.inference.TilePaddingInferer"),
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "cellgap.postprocessing.CISCAPostProcessingd", "magnification": "@magnification",
              "min_cell_size": "@min_cell_size", "num_classes": "@num_classes", "pred_key": "pred"},
@@ -320,14 +341,15 @@ def inference_config(spec: EncoderSpec) -> dict:
              "mpp": "@mpp", "geojson": "@write_geojson"},
         ]},
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "map_location": "@device",
-             "load_dict": _decoder_state()},
+            _checkpoint_loader(),
+            {"_target_": "cellgap.locking.OutputLock", "folder": "@output_dir", "what": "inference"},
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "checkpoint_meta": _checkpoint_meta(),
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
         "evaluator": _evaluator(val_data_loader="@dataloader", inferer="@inferer", postprocessing="@postprocessing",
-                                val_handlers="@handlers"),
+                                val_handlers="@handlers", _target_="cellgap.inference.IsolatingEvaluator",
+                                summary_file={"_target_": W + "path_in", "folder": "@output_dir", "name": "summary.json"}),
         "initialize": [],
         "run": ["$@evaluator.run()"],
     })
@@ -446,8 +468,10 @@ Real datasets are prepared once with `python scripts/prepare_data.py <name> ...`
 Adam (AMSGrad), learning rate 5e-4, batch 4, ReduceLROnPlateau (×0.5, patience 10) and early stopping
 (patience 20) on the validation key metric (`mpq+` for multi-class data, `pq` for single-class), CISCA loss
 (contour CCE + Dice, distance MAE + MSGE, type CE + Tversky), METHOD.md §7 augmentation, targets recomputed
-after augmentation. GPU: bf16 autocast. Checkpoints (`models/model.pt`) hold the decoder only, plus the
-encoder, classes and magnification they were trained for.
+after augmentation. GPU: bf16 autocast. Checkpoints: `models/model.pt`, the best model (replaced only by a
+better one), holds the decoder plus what rebuilds the network (encoder and its weights' identity, decoder
+architecture, classes, magnification); `models/last.pt` the state a killed run resumes from with the same
+command (`--resume false` starts afresh). See cellgap's docs/guarantees.md.
 Monitoring: `tensorboard --logdir runs` shows the training loss, learning rate, validation metrics and
 overlays, and `data_wait_share`, the share of each epoch the loop waited for data. On a GPU above 10 % a
 warning suggests more `--num_workers`, a packed dataset (`prepare_data.py --pack`), `--photometric_on_device true`
@@ -635,6 +659,10 @@ def export_bundle(spec: EncoderSpec | str, out_dir: str | os.PathLike, checkpoin
             path.parent.mkdir(parents=True, exist_ok=True)
             if rel.endswith(".json") and rel != "configs/metadata.json":
                 text = _json(_vendor_strings(json.loads(text)))
+            elif rel == "configs/metadata.json":  # cellgap is vendored in scripts/; no package index has it
+                meta = json.loads(text)
+                meta["required_packages_version"].pop("cellgap", None)
+                text = _json(meta)
             path.write_text(text, encoding="utf-8")
         shutil.copytree(library, root / "scripts" / "cellgap", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (root / "scripts" / "__init__.py").write_text('"""Custom code of this bundle: a copy of the cellgap library."""\n')

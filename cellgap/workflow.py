@@ -155,17 +155,25 @@ def eval_preprocessing(num_classes: int | None = None, keys: Sequence[str] | Non
 
 
 class TrainedFor:
-    """What the decoder checkpoint at ``path`` was trained for (read once): the facts inference needs."""
+    """What the decoder checkpoint at ``path`` was trained for (read once): the facts evaluation and inference
+    need, and what rebuilds its network (decoder architecture, encoder weights; a random encoder is stored in it)."""
 
     def __init__(self, path):
-        from .training import read_checkpoint
+        from .checkpoint import decoder_config, default_encoder_weights, read_checkpoint
 
-        self.meta = read_checkpoint(path)["meta"]
+        checkpoint = read_checkpoint(path)
+        self.meta = checkpoint["meta"]
         self.class_names = list(self.meta["class_names"])
         self.num_classes = len(self.class_names)
         self.magnification = self.meta["magnification"]
         self.mpp = self.meta.get("mpp")
         self.min_cell_size = self.meta["min_cell_size"]
+        self.decoder = decoder_config(checkpoint)
+        self.reduced_encoder = bool(self.meta.get("reduced_encoder", False))
+        self.num_contour_classes = int(self.meta.get("num_contour_classes", 3))
+        self.num_distance_maps = int(self.meta.get("num_distance_maps", 4))
+        self.encoder_weights = default_encoder_weights(checkpoint)
+        self.random_encoder = self.encoder_weights == "none"
 
 
 def image_datalist(folder) -> list[dict]:

@@ -27,9 +27,10 @@ import sys
 from pathlib import Path
 
 from ..data.packed import pack_dataset
-from ..data.prepared import read_dataset_info, read_manifest
+from ..data.prepared import check_replaceable, read_dataset_info, read_manifest
 from ..data.registry import DATASETS, get, prepare_dataset
 from ..data.splits import split_sizes
+from ..locking import OutputLockedError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,10 +123,22 @@ def _prepare(args: argparse.Namespace) -> int:
     if entry.needs_raw and not args.raw:
         print(f"error: {args.dataset} needs --raw (a folder, an archive or a URL)", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    inputs = [p for p in (args.raw, args.raw_dir, *(args.archives or ())) if p and "://" not in str(p)]
+    for given in inputs:  # writing the prepared folder over the files it is made from can only lose them
+        if Path(given).expanduser().resolve() == out.resolve() or out.resolve() in Path(given).expanduser().resolve().parents:
+            print(f"error: --out {out} holds the input {given}; choose an --out folder of its own", file=sys.stderr)
+            return 2
+    if args.overwrite and out.exists():
+        try:
+            check_replaceable(out, inputs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         out = prepare_dataset(args.dataset, args.raw, args.out, download=args.download, raw_dir=args.raw_dir,
                               archives=args.archives, overwrite=args.overwrite, progress=not args.no_progress, **options)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, OutputLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.pack:

@@ -41,6 +41,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if str(error).startswith(str(path)):
             raise
         raise ValueError(f"{path}: cannot read image ({error}); expected a PNG, TIFF or JPEG file") from None
+    except Exception as error:  # PIL's decompression-bomb refusal of a slide-sized image
+        from .native import too_large_error
+
+        raise too_large_error(path, error) from None
     return to_rgb8(array, str(path))
 
 

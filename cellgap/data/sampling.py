@@ -189,6 +189,13 @@ class ClassBalancedSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def state_dict(self) -> dict:
+        """What a resumed training needs to draw the next epoch as an uninterrupted one would (cellgap.checkpoint)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.num_replicas)
 
