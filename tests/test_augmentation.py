@@ -30,15 +30,15 @@ from cellgap.data.augmentation import (
     CheckTiled,
     ClipIntensityd,
     MedianSmooth3x3d,
+    RandAdditiveGaussianNoised,
     RandCoarseElasticd,
     RandDihedrald,
     RandDihedralElasticd,
     RandGammaContrastd,
-    RandGaussianNoise32d,
-    RandGaussianSharpenNumpyd,
-    RandGaussianSmoothNumpyd,
+    RandGaussianBlurd,
     RandHSVShiftd,
     RandLABStainJitterd,
+    RandSharpend,
     RandSquareCropd,
     cisca_augmentations,
     lab8_to_rgb,
@@ -341,8 +341,8 @@ def test_median3x3_matches_monai_median_smooth():
 def test_numpy_blur_and_sharpen_match_monai(shape):
     image = np.random.default_rng(2).random(shape).astype(np.float32) * 255
     pairs = [
-        (RandGaussianSmoothd, RandGaussianSmoothNumpyd, dict(sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5))),
-        (RandGaussianSharpend, RandGaussianSharpenNumpyd,
+        (RandGaussianSmoothd, RandGaussianBlurd, dict(sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5))),
+        (RandGaussianSharpend, RandSharpend,
          dict(sigma1_x=(0.1, 0.2), sigma1_y=(0.1, 0.2), sigma2_x=(0.7, 0.9), sigma2_y=(0.7, 0.9), alpha=(0.45, 0.9))),
     ]
     for monai_class, numpy_class, ranges in pairs:
@@ -358,7 +358,7 @@ def test_numpy_blur_and_sharpen_match_monai(shape):
         assert 0 < fired < 8  # both branches seen, drawn from the same random stream
         assert theirs.R.randint(2**31) == ours.R.randint(2**31)
     # rows and columns get their own sigma, as in MONAI (spatial axes 0 and 1)
-    smooth = RandGaussianSmoothNumpyd("image", sigma_x=(0.5, 0.5), sigma_y=(1.5, 1.5), prob=1.0)
+    smooth = RandGaussianBlurd("image", sigma_x=(0.5, 0.5), sigma_y=(1.5, 1.5), prob=1.0)
     reference = RandGaussianSmoothd("image", sigma_x=(0.5, 0.5), sigma_y=(1.5, 1.5), prob=1.0)
     np.testing.assert_allclose(smooth({"image": image})["image"], as_numpy(reference({"image": image})["image"]), atol=2e-3)
     with pytest.raises(ValueError, match=r"image: expected a channel-first \(C, H, W\) image"):
@@ -367,7 +367,7 @@ def test_numpy_blur_and_sharpen_match_monai(shape):
 
 def test_float32_noise_has_monais_distribution():
     image = np.full((3, 64, 64), 100.0, dtype=np.float32)
-    ours, theirs = RandGaussianNoise32d("image", mean=1.0, std=6.0, prob=1.0), RandGaussianNoised("image", mean=1.0, std=6.0, prob=1.0)
+    ours, theirs = RandAdditiveGaussianNoised("image", mean=1.0, std=6.0, prob=1.0), RandGaussianNoised("image", mean=1.0, std=6.0, prob=1.0)
     ours.set_random_state(0)
     theirs.set_random_state(0)
     ours_std, theirs_std = [], []

@@ -24,12 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augmentation import (
-    _LAB8_OFFSET,
-    _LAB8_SCALE,
-    _LAB_DELTA,
-    _RGB_TO_XYZN,
-    _XYZN_TO_RGB,
+from .augmentation.colour import LAB8_OFFSET, LAB8_SCALE, LAB_DELTA, RGB_TO_XYZN, XYZN_TO_RGB
+from .augmentation.filters import gaussian_kernel, median3x3
+from .augmentation.recipe import (
     BLUR_NOISE_PROB,
     BLUR_NOISE_STD,
     BLUR_NOISE_WEIGHTS,
@@ -43,7 +40,6 @@ from .augmentation import (
     GAMMA,
     HSV_SHIFTS,
     HUE_SHIFT,
-    INTENSITY_MAX,
     MEAN_CONTRAST,
     NOISE_PROB,
     NOISE_STD,
@@ -51,24 +47,22 @@ from .augmentation import (
     SHARPEN_SIGMA1,
     SHARPEN_SIGMA2,
     STAIN_PROB,
-    StainStatistics,
-    gaussian_kernel,
-    median3x3,
-    stain_statistics,
 )
+from .augmentation.samples import INTENSITY_MAX
+from .augmentation.stain import StainStatistics, stain_statistics
 
 
 def _lab8_constants(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The (1, 3, 1, 1) scale and offset of OpenCV 8-bit LAB over the opponent f-values (rgb_to_lab8's)."""
-    return tuple(torch.as_tensor(c, dtype=like.dtype, device=like.device)[None, :, None, None] for c in (_LAB8_SCALE, _LAB8_OFFSET))
+    return tuple(torch.as_tensor(c, dtype=like.dtype, device=like.device)[None, :, None, None] for c in (LAB8_SCALE, LAB8_OFFSET))
 
 
 def _srgb_to_lab8(rgb: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB in 0..255 → CIELAB in OpenCV 8-bit units, read at 8-bit precision like rgb_to_lab8."""
     c = torch.round(rgb.clamp(0, INTENSITY_MAX)) / INTENSITY_MAX
     linear = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    xyz = torch.einsum("ij,njhw->nihw", torch.as_tensor(_RGB_TO_XYZN, dtype=rgb.dtype, device=rgb.device), linear)
-    f = torch.where(xyz > _LAB_DELTA**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * _LAB_DELTA**2) + 4 / 29)
+    xyz = torch.einsum("ij,njhw->nihw", torch.as_tensor(RGB_TO_XYZN, dtype=rgb.dtype, device=rgb.device), linear)
+    f = torch.where(xyz > LAB_DELTA**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * LAB_DELTA**2) + 4 / 29)
     scale, offset = _lab8_constants(rgb)
     return torch.stack([f[:, 1], f[:, 0] - f[:, 1], f[:, 1] - f[:, 2]], dim=1) * scale + offset
 
@@ -78,8 +72,8 @@ def _lab8_to_srgb(lab: torch.Tensor) -> torch.Tensor:
     scale, offset = _lab8_constants(lab)
     g = (lab - offset) / scale  # f(Y), f(X) − f(Y), f(Y) − f(Z)
     f = torch.stack([g[:, 1] + g[:, 0], g[:, 0], g[:, 0] - g[:, 2]], dim=1)
-    xyz = torch.where(f > _LAB_DELTA, f * f * f, (f - 4 / 29) * (3 * _LAB_DELTA**2))
-    linear = torch.einsum("ij,njhw->nihw", torch.as_tensor(_XYZN_TO_RGB, dtype=lab.dtype, device=lab.device), xyz)
+    xyz = torch.where(f > LAB_DELTA, f * f * f, (f - 4 / 29) * (3 * LAB_DELTA**2))
+    linear = torch.einsum("ij,njhw->nihw", torch.as_tensor(XYZN_TO_RGB, dtype=lab.dtype, device=lab.device), xyz)
     linear = linear.clamp(0, 1)
     return torch.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear.clamp_min(1e-12) ** (1 / 2.4) - 0.055) * INTENSITY_MAX
 
