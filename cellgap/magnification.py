@@ -55,7 +55,7 @@ class MagnificationProfile:
     magnification: int
     mpp: float
     # Contour target (METHOD.md §1.2).
-    se_gap: np.ndarray
+    se_cleft: np.ndarray  # METHOD.md's SE_gap
     se_boundary: np.ndarray
     se_boundary_large: np.ndarray
     se_thin: np.ndarray
@@ -84,7 +84,7 @@ class MagnificationProfile:
 PROFILE_20X = MagnificationProfile(
     magnification=20,
     mpp=MPP_20X,
-    se_gap=square(5),
+    se_cleft=square(5),
     se_boundary=square(3),
     se_boundary_large=square(5),
     se_thin=square(3),
@@ -106,7 +106,7 @@ PROFILE_20X = MagnificationProfile(
 PROFILE_40X = MagnificationProfile(
     magnification=40,
     mpp=MPP_40X,
-    se_gap=row_disk([5, 7, 9, 9, 9, 9, 9, 7, 5]),
+    se_cleft=row_disk([5, 7, 9, 9, 9, 9, 9, 7, 5]),
     se_boundary=diamond(2),
     se_boundary_large=row_disk([7, 9, 11, 11, 11, 11, 11, 11, 11, 9, 7]),
     se_thin=square(5),

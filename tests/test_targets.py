@@ -1,4 +1,4 @@
-"""Tests of the CISCA training targets (cellgap/targets.py, METHOD.md §1)."""
+"""Tests of the CISCA training targets (cellgap/targets/, METHOD.md §1)."""
 
 from __future__ import annotations
 
@@ -8,27 +8,29 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
-from cellgap import targets
 from cellgap.magnification import PROFILE_20X, PROFILE_40X, disk
 from cellgap.targets import (
     BACKGROUND,
     BODY,
     BOUNDARY,
+    CLEFT,
     CONTOUR_LEVELS_KEY,
     CONTOUR_PROFILE_KEY,
-    GAP,
     CISCATargetsd,
     ContourLevelsd,
+    DenseTargets,
     class_map_from_instances,
     contour_classes,
     contour_levels,
     distance_maps,
     instance_classes,
+    labels,
+    morphology,
     weight_mask,
 )
 
 PROFILES = [PROFILE_20X, PROFILE_40X]
-SE_NAMES = ["se_gap", "se_boundary", "se_boundary_large", "se_thin", "se_fragment_1", "se_fragment_2"]
+SE_NAMES = ["se_cleft", "se_boundary", "se_boundary_large", "se_thin", "se_fragment_1", "se_fragment_2"]
 
 
 def two_squares(height: int, width: int, side: int, top: int, left: int, gap: int) -> np.ndarray:
@@ -62,34 +64,34 @@ def test_rank_filter_matches_scipy_for_every_structuring_element(profile):
     rng = np.random.default_rng(1)
     for name in SE_NAMES:
         footprint = getattr(profile, name)
-        assert targets._rectangles(footprint) is not None, name
+        assert morphology._rectangles(footprint) is not None, name
         for shape in [(31, 37), (4, 5), (1, 9)]:
             image = rng.integers(0, 40, shape).astype(np.uint16)
             mask = rng.random(shape) > 0.6
             for maximum, scipy_filter in ((True, ndi.maximum_filter), (False, ndi.minimum_filter)):
                 for mode, cval in (("constant", 7), ("reflect", 0)):
                     expected = scipy_filter(image, footprint=footprint, mode=mode, cval=cval)
-                    got = targets._rank_filter(image, footprint, maximum, mode, cval)
+                    got = morphology.rank_filter(image, footprint, maximum, mode, cval)
                     np.testing.assert_array_equal(got, expected, err_msg=f"{name} {shape} {maximum} {mode}")
-            np.testing.assert_array_equal(targets._dilate(mask, footprint), ndi.binary_dilation(mask, footprint))
-            np.testing.assert_array_equal(targets._erode(mask, footprint), ndi.binary_erosion(mask, footprint, border_value=1))
+            np.testing.assert_array_equal(morphology.dilate(mask, footprint), ndi.binary_dilation(mask, footprint))
+            np.testing.assert_array_equal(morphology.erode(mask, footprint), ndi.binary_erosion(mask, footprint, border_value=1))
 
 
 def test_rank_filter_falls_back_for_footprints_that_are_not_rectangle_unions():
     ring = np.ones((3, 3), dtype=bool)
     ring[1, 1] = False
     image = np.random.default_rng(2).integers(0, 9, (12, 13))
-    assert targets._rectangles(ring) is None
+    assert morphology._rectangles(ring) is None
     np.testing.assert_array_equal(
-        targets._rank_filter(image, ring, True, "constant"), ndi.maximum_filter(image, footprint=ring, mode="constant")
+        morphology.rank_filter(image, ring, True, "constant"), ndi.maximum_filter(image, footprint=ring, mode="constant")
     )
 
 
 @pytest.mark.parametrize("connectivity", ["four", "eight"])
 def test_small_components_match_a_full_labelling(connectivity):
     offsets, structure = {
-        "four": (targets.FOUR_CONNECTED, ndi.generate_binary_structure(2, 1)),
-        "eight": (targets.EIGHT_CONNECTED, ndi.generate_binary_structure(2, 2)),
+        "four": (morphology.FOUR_CONNECTED, ndi.generate_binary_structure(2, 1)),
+        "eight": (morphology.EIGHT_CONNECTED, ndi.generate_binary_structure(2, 2)),
     }[connectivity]
     rng = np.random.default_rng(3)
     for size in (1, 2, 3, 4, 6, 8, 11, 40):
@@ -99,7 +101,7 @@ def test_small_components_match_a_full_labelling(connectivity):
             small = np.bincount(components.ravel()) < size
             small[0] = False
             np.testing.assert_array_equal(
-                targets._components_below(mask, size, offsets), small[components], err_msg=f"size {size}"
+                morphology.components_below(mask, size, offsets), small[components], err_msg=f"size {size}"
             )
 
 
@@ -109,9 +111,9 @@ def test_fill_holes_fills_complement_components_below_the_area():
     mask[2:4, 2:4] = False  # hole of 4 px
     mask[1:8, 7:11] = True
     mask[3, 8] = False  # hole of 1 px
-    filled = targets._fill_holes(mask, 3)
+    filled = morphology.fill_holes(mask, 3)
     assert filled[3, 8] and not filled[2:4, 2:4].any()
-    assert targets._fill_holes(mask, 5)[2:4, 2:4].all()
+    assert morphology.fill_holes(mask, 5)[2:4, 2:4].all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +132,8 @@ def per_instance_touching(label: np.ndarray, footprint: np.ndarray) -> np.ndarra
 def test_max_min_filter_touching_equals_per_instance_dilation(profile):
     for label in random_label_maps(12, seed=profile.magnification):
         for footprint in (profile.se_boundary, profile.se_boundary_large):
-            small_ids = targets._small_id_dtype(label)
-            got = targets._touching(small_ids, label > 0, footprint)
+            small_ids = labels.small_id_dtype(label)
+            got = morphology.touching(small_ids, label > 0, footprint)
             np.testing.assert_array_equal(got, per_instance_touching(label, footprint))
 
 
@@ -145,7 +147,7 @@ def test_touching_squares_20x_boundary_one_pixel_each_side():
     np.testing.assert_array_equal(levels[foreground], expected[foreground])
     # The outer cell-background outline is body, not boundary.
     assert (levels[7, 5:14] == BODY).all() and (levels[7:17, 5] == BODY).all()
-    assert set(np.unique(levels[~foreground])) <= {BACKGROUND, GAP}
+    assert set(np.unique(levels[~foreground])) <= {BACKGROUND, CLEFT}
     assert levels[0, 0] == BACKGROUND and levels[-1, -1] == BACKGROUND
 
 
@@ -161,11 +163,11 @@ def test_touching_squares_40x_boundary_two_pixels_each_side():
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
 @pytest.mark.parametrize("gap", [1, 2, 3])
-def test_narrow_gap_between_cells_is_gap_level(profile, gap):
+def test_narrow_gap_between_cells_is_cleft_level(profile, gap):
     label = two_squares(40, 48, side=12, top=14, left=10, gap=gap)
     levels = contour_levels(label, profile)
     between = levels[14:26, 22 : 22 + gap]
-    assert (between == GAP).all(), between
+    assert (between == CLEFT).all(), between
     assert levels[0, 0] == BACKGROUND
 
 
@@ -176,7 +178,7 @@ def test_near_contact_40x_thin_band_becomes_boundary():
     levels = contour_levels(label, PROFILE_40X)
     assert (levels[12:24, 17:20] == BOUNDARY).all() and (levels[12:24, 22:25] == BOUNDARY).all()
     assert (levels[12:24, 8:17] == BODY).all() and (levels[12:24, 25:34] == BODY).all()
-    assert (levels[12:24, 20:22] == GAP).all()
+    assert (levels[12:24, 20:22] == CLEFT).all()
 
 
 def test_diagonal_contact_20x_fragments_are_thickened():
@@ -206,8 +208,8 @@ def test_contour_levels_invariants_on_random_maps(profile):
     for label in random_label_maps(6, shape=(48, 48), seed=10 + profile.magnification):
         levels = contour_levels(label, profile)
         foreground = label > 0
-        assert set(np.unique(levels)) <= {BOUNDARY, BODY, BACKGROUND, GAP}
-        assert not np.isin(levels[foreground], [BACKGROUND, GAP]).any()  # cells are boundary or body
+        assert set(np.unique(levels)) <= {BOUNDARY, BODY, BACKGROUND, CLEFT}
+        assert not np.isin(levels[foreground], [BACKGROUND, CLEFT]).any()  # cells are boundary or body
         assert not (levels[~foreground] == BODY).any()
         # Every cell pixel touching another instance (SE_b) is boundary.
         assert (levels[per_instance_touching(label, profile.se_boundary)] == BOUNDARY).all()
@@ -220,7 +222,7 @@ def test_contour_levels_invariants_on_random_maps(profile):
 
 
 def test_contour_classes_merges():
-    levels = np.array([[BOUNDARY, BODY, BACKGROUND, GAP]], dtype=np.uint8)
+    levels = np.array([[BOUNDARY, BODY, BACKGROUND, CLEFT]], dtype=np.uint8)
     np.testing.assert_array_equal(contour_classes(levels, 3), [[0, 1, 2, 2]])
     np.testing.assert_array_equal(contour_classes(levels), [[0, 1, 2, 2]])
     np.testing.assert_array_equal(contour_classes(levels, 2), [[0, 0, 1, 1]])
@@ -468,9 +470,9 @@ def test_targets_use_the_moved_contour_levels_when_present():
     transform = CISCATargetsd(magnification=40)
     np.testing.assert_array_equal(transform(sample)["contour_target"], transform({"label": label})["contour_target"])
     # The stored map wins over the label map (the reference moves it instead of recomputing it) …
-    moved = dict(sample, **{CONTOUR_LEVELS_KEY: torch.full((1, 24, 24), GAP, dtype=torch.uint8)})
+    moved = dict(sample, **{CONTOUR_LEVELS_KEY: torch.full((1, 24, 24), CLEFT, dtype=torch.uint8)})
     assert (transform(moved)["contour_target"] == 2).all()  # gap merges into background for K = 3
-    assert torch.equal(moved[CONTOUR_LEVELS_KEY], torch.full((1, 24, 24), GAP, dtype=torch.uint8))  # not modified
+    assert torch.equal(moved[CONTOUR_LEVELS_KEY], torch.full((1, 24, 24), CLEFT, dtype=torch.uint8))  # not modified
     # … and a map stored for another profile is recomputed.
     stale = {"label": torch.from_numpy(label), CONTOUR_LEVELS_KEY: moved[CONTOUR_LEVELS_KEY], CONTOUR_PROFILE_KEY: "20x"}
     np.testing.assert_array_equal(ContourLevelsd(magnification=40)(stale)[CONTOUR_LEVELS_KEY], levels)
@@ -530,7 +532,7 @@ def test_reconstruction_keeps_the_components_holding_a_seed(max_rounds):
         seed = rng.random(mask.shape) > 0.97
         components, _ = ndi.label(mask, np.ones((3, 3), dtype=bool))
         kept = np.isin(components, components[seed & mask]) & mask
-        np.testing.assert_array_equal(targets._reconstruct(seed, mask, max_rounds), kept)
+        np.testing.assert_array_equal(morphology.reconstruct(seed, mask, max_rounds), kept)
 
 
 def test_near_reads_the_dilation_at_given_pixels():
@@ -538,7 +540,7 @@ def test_near_reads_the_dilation_at_given_pixels():
     for footprint in (PROFILE_20X.se_boundary, PROFILE_40X.se_boundary, disk(3)):
         mask = rng.random((23, 31)) > 0.93
         pixels = rng.choice(mask.size, 50, replace=False)
-        np.testing.assert_array_equal(targets._near(mask, pixels, footprint), targets._dilate(mask, footprint).ravel()[pixels])
+        np.testing.assert_array_equal(morphology.near(mask, pixels, footprint), morphology.dilate(mask, footprint).ravel()[pixels])
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,10 +567,10 @@ def _relabelled_tiles() -> list[np.ndarray]:
 
 def test_dense_targets_are_the_per_sample_targets_to_the_bit():
     tiles = _relabelled_tiles()
-    out = targets.DenseTargets(weight_radius=6)(torch.from_numpy(np.stack(tiles)[:, None]))
+    out = DenseTargets(weight_radius=6)(torch.from_numpy(np.stack(tiles)[:, None]))
     assert out["distance_target"].dtype == out["weight_mask"].dtype == torch.float32
-    np.testing.assert_array_equal(out["distance_target"].numpy(), np.stack([targets.distance_maps(t) for t in tiles]))
-    np.testing.assert_array_equal(out["weight_mask"].numpy(), np.stack([targets.weight_mask(t, 6)[None] for t in tiles]))
+    np.testing.assert_array_equal(out["distance_target"].numpy(), np.stack([distance_maps(t) for t in tiles]))
+    np.testing.assert_array_equal(out["weight_mask"].numpy(), np.stack([weight_mask(t, 6)[None] for t in tiles]))
 
 
 @pytest.mark.parametrize("label, match", [(torch.zeros(2, 96, 96, dtype=torch.int32), r"\(B, 1, H, W\) integer"),
@@ -576,7 +578,7 @@ def test_dense_targets_are_the_per_sample_targets_to_the_bit():
                                           (torch.full((1, 1, 8, 8), -2, dtype=torch.int32), "non-negative")])
 def test_dense_targets_refuse_what_is_not_a_batch_of_instance_maps(label, match):
     with pytest.raises(ValueError, match=match):
-        targets.DenseTargets()(label)
+        DenseTargets()(label)
 
 
 def test_targets_can_leave_the_dense_maps_to_the_device():
@@ -591,6 +593,6 @@ def test_targets_can_leave_the_dense_maps_to_the_device():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dense_targets_on_cuda_are_those_on_the_cpu():
     label = torch.from_numpy(np.stack(_relabelled_tiles())[:, None])
-    on_cpu, on_cuda = targets.DenseTargets()(label), targets.DenseTargets()(label.cuda())
+    on_cpu, on_cuda = DenseTargets()(label), DenseTargets()(label.cuda())
     for key, value in on_cpu.items():
         assert on_cuda[key].is_cuda and torch.equal(on_cuda[key].cpu(), value), key
