@@ -343,3 +343,18 @@ def test_bad_configurations_are_refused_with_clear_errors(net, data, tmp_path):
     with pytest.raises(RuntimeError, match="CachedFeaturesd") as error:  # MONAI's Compose names the failing transform
         _pipeline(ViewSpec("clean", augmentation={"crop_size": TILE // 2}), cache)(data[0])
     assert isinstance(error.value.__cause__, ValueError) and "crop size" in str(error.value.__cause__)
+
+
+def test_the_store_sits_on_a_low_floor_and_rounds_bfloat16_as_torch():
+    """cellgap/cache/store.py imports neither torch nor MONAI at module level; its own bfloat16 rounding is torch's."""
+    import ast
+    from pathlib import Path
+
+    from cellgap.cache import store
+
+    tree = ast.parse(Path(store.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    modules = {a.name for n in top if isinstance(n, ast.Import) for a in n.names} | {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in modules if m.split(".")[0] in ("torch", "monai", "ignite")}, modules
+    values = torch.randn(100_000) * torch.logspace(-30, 30, 100_000)
+    np.testing.assert_array_equal(store.to_storage(values.numpy(), "bfloat16"), values.to(torch.bfloat16).view(torch.uint16).numpy())
