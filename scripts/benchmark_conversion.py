@@ -31,7 +31,7 @@ def fold_sizes(total: int) -> tuple[int, int, int]:
 
 
 def make_fixture(raw: Path, tiles: int, size: int, dtype: str) -> float:
-    from cellgap.data.fixtures import write_pannuke
+    from cellgap.testing.fixtures import write_pannuke
 
     marker = raw / ".fixture.json"
     params = {"tiles": tiles, "size": size, "dtype": dtype}

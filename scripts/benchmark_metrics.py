@@ -28,7 +28,7 @@ from benchmarks_doc import write_section
 
 from cellgap.metrics import Protocol, instance, score_image
 from cellgap.metrics.matching import instance_overlaps
-from cellgap.metrics.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
+from cellgap.testing.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
 
 NUM_CLASSES = 5
 PROTOCOL = Protocol.pannuke()

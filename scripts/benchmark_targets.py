@@ -19,9 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cellgap.data.fixtures import overlapping_ellipses  # noqa: E402
 from cellgap.magnification import profile_for  # noqa: E402
 from cellgap.targets import CISCATargetsd, contour_levels, distance_maps, weight_mask  # noqa: E402
+from cellgap.testing.fixtures import overlapping_ellipses  # noqa: E402
 
 
 def time_per_tile(function, tiles, repeats: int) -> str:

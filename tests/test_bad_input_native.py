@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from cellgap.data import conic, native, pannuke
-from cellgap.data.fixtures import write_conic, write_pannuke
 from cellgap.data.prepared import read_manifest
+from cellgap.testing.fixtures import write_conic, write_pannuke
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import tifffile
 from PIL import Image
 
 from cellgap.data import cytodark0, folder
-from cellgap.data.fixtures import cytodark0_name, write_cytodark0, write_folder
 from cellgap.data.prepared import read_dataset_info, read_manifest
+from cellgap.testing.fixtures import cytodark0_name, write_cytodark0, write_folder
 
 
 def fails_cleanly(convert, raw, tmp_path, error, match, **kw):

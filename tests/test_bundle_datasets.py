@@ -11,11 +11,11 @@ from monai.bundle import ConfigParser, run
 from cellgap import targets
 from cellgap.bundle import bundle_name
 from cellgap.data import loading
-from cellgap.data.fixtures import write_native
 from cellgap.data.packed import pack_dataset
 from cellgap.data.prepared import read_dataset_info
 from cellgap.data.registry import prepare_dataset
 from cellgap.encoders import DEMO_ENCODER
+from cellgap.testing.fixtures import write_native
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / bundle_name(DEMO_ENCODER) / "configs"
 TINY = {"widths": [8, 8, 8, 16, 16, 16], "head_features": 8, "head_width": 8, "norm": None}

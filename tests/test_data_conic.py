@@ -8,8 +8,8 @@ import tifffile
 from PIL import Image
 
 from cellgap.data import conic
-from cellgap.data.fixtures import write_conic
 from cellgap.data.prepared import read_dataset_info, read_manifest
+from cellgap.testing.fixtures import write_conic
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import tifffile
 from PIL import Image
 
 from cellgap.data import cytodark0
-from cellgap.data.fixtures import cytodark0_name, write_cytodark0
 from cellgap.data.prepared import datalist, read_dataset_info, read_manifest
+from cellgap.testing.fixtures import cytodark0_name, write_cytodark0
 
 IDS_20X = (1, 2, 3, 4, 5, 6, 54, 55, 56, 58, 60, 62, 63)
 

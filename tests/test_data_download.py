@@ -13,7 +13,7 @@ import pytest
 
 from cellgap.data import download, pannuke
 from cellgap.data.download import DownloadError, IntegrityError, Source
-from cellgap.data.fixtures import write_pannuke
+from cellgap.testing.fixtures import write_pannuke
 
 
 class FileServer:
@@ -241,9 +241,9 @@ def test_extract_refuses_unsafe_members(tmp_path):
 
 def test_prepare_dataset_from_a_url(server, tmp_path, monkeypatch):
     from cellgap.data import cytodark0
-    from cellgap.data.fixtures import write_cytodark0
     from cellgap.data.prepared import read_manifest
     from cellgap.data.registry import prepare_dataset
+    from cellgap.testing.fixtures import write_cytodark0
 
     raw = write_cytodark0(tmp_path / "fixture", image_ids=(1, 62), size=64, smaller_tier=None, cells=(2, 4))
     buffer = io.BytesIO()

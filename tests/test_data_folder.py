@@ -8,8 +8,8 @@ import tifffile
 from PIL import Image
 
 from cellgap.data import folder
-from cellgap.data.fixtures import write_folder
 from cellgap.data.prepared import read_dataset_info, read_manifest
+from cellgap.testing.fixtures import write_folder
 
 
 def native_label(raw, name):

@@ -6,9 +6,9 @@ import tifffile
 from PIL import Image
 
 from cellgap.data import pannuke
-from cellgap.data.fixtures import write_pannuke
 from cellgap.data.prepared import datalist, read_dataset_info, read_manifest
 from cellgap.data.registry import protocol_of
+from cellgap.testing.fixtures import write_pannuke
 
 
 @pytest.fixture(scope="module")

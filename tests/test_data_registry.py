@@ -8,9 +8,9 @@ import pytest
 
 from cellgap.data import cytodark0
 from cellgap.data.download import Source
-from cellgap.data.fixtures import write_native
 from cellgap.data.prepared import datalist, read_dataset_info, read_manifest
 from cellgap.data.registry import DATASETS, get, prepare_dataset, protocol_of
+from cellgap.testing.fixtures import write_native
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
 

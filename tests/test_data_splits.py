@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cellgap.data import splits
-from cellgap.data.fixtures import PANNUKE_TISSUES
+from cellgap.testing.fixtures import PANNUKE_TISSUES
 
 
 def pannuke_like_tissues(seed=0):

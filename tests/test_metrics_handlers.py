@@ -14,7 +14,7 @@ from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
 
 from cellgap.metrics import Protocol, ScoreTable, score_image, summarize
 from cellgap.metrics.handlers import CellMetrics, MetricsReportSaver
-from cellgap.metrics.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
+from cellgap.testing.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
 
 CLASSES = ("neoplastic", "inflammatory")
 

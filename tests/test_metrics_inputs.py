@@ -9,7 +9,7 @@ import torch
 from cellgap.metrics import Protocol, ScoreTable, canonical_metric, score_image
 from cellgap.metrics import matching as matching_module
 from cellgap.metrics.matching import instance_overlaps
-from cellgap.metrics.synthetic_pairs import perturb, random_classes, random_instances, relabel_randomly
+from cellgap.testing.synthetic_pairs import perturb, random_classes, random_instances, relabel_randomly
 
 
 def brute_force(gt, pred):

@@ -19,7 +19,7 @@ from monai.metrics import PanopticQualityMetric, compute_panoptic_quality  # noq
 
 from cellgap.metrics import instance  # noqa: E402
 from cellgap.metrics.matching import instance_overlaps  # noqa: E402
-from cellgap.metrics.synthetic_pairs import (  # noqa: E402
+from cellgap.testing.synthetic_pairs import (  # noqa: E402
     perturb,
     perturb_classes,
     random_classes,

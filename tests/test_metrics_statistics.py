@@ -17,7 +17,7 @@ from cellgap.metrics.statistics import (
     paired_bootstrap,
     paired_permutation_test,
 )
-from cellgap.metrics.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
+from cellgap.testing.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
 
 CLASSES = ("neo", "inf", "con")
 PROTOCOL = Protocol.pannuke(split="test")

@@ -16,7 +16,6 @@ from cellgap.locking import LOCK_NAME
 from cellgap.magnification import PROFILE_40X
 from cellgap.metrics import Protocol, ScoreTable, score_image
 from cellgap.metrics.statistics import paired_bootstrap
-from cellgap.metrics.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
 from cellgap.network import network_cost
 from cellgap.study import (
     CandidateOutput,
@@ -27,6 +26,7 @@ from cellgap.study import (
 )
 from cellgap.study.cli import main as study_main
 from cellgap.study.grid import OptionsChangedError
+from cellgap.testing.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
 
 TINY = {"widths": [8, 8, 8, 16, 16, 16], "head_features": 8, "head_width": 8, "norm": None}
 OVERRIDES = {"epochs": 1, "epoch_length": 1, "batch_size": 2, "val_batch_size": 2, "decoder": TINY, "tile_size": 64,

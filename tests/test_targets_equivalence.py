@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from cellgap.data.fixtures import overlapping_ellipses
 from cellgap.magnification import PROFILE_20X, PROFILE_40X
 from cellgap.targets import CISCATargetsd, contour_levels, distance_maps, weight_mask
+from cellgap.testing.fixtures import overlapping_ellipses
 
 GOLDEN = Path(__file__).parent / "data" / "targets_golden.npz"
 PROFILES = {20: PROFILE_20X, 40: PROFILE_40X}

@@ -15,9 +15,9 @@ from PIL import Image
 
 from cellgap.bundle import bundle_name
 from cellgap.data import folder
-from cellgap.data.fixtures import random_instances, stained_image
 from cellgap.data.trainable import UntrainableDataError
 from cellgap.encoders import DEMO_ENCODER
+from cellgap.testing.fixtures import random_instances, stained_image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / bundle_name(DEMO_ENCODER) / "configs"
