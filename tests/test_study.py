@@ -24,8 +24,8 @@ from cellgap.study import (
     run_study,
     write_results,
 )
-from cellgap.study.cli import main as study_main
 from cellgap.study.grid import OptionsChangedError
+from cellgap.study.options import main as study_main
 from cellgap.testing.synthetic_pairs import perturb, perturb_classes, random_classes, random_instances
 
 TINY = {"widths": [8, 8, 8, 16, 16, 16], "head_features": 8, "head_width": 8, "norm": None}

@@ -17,18 +17,19 @@ Splits are protocol names of the prepared dataset (PanNuke ``official1 official2
 for the synthetic dataset they are data seeds (``seed0``, ``seed1`` …, or plain integers), each a freshly
 generated dataset.
 
-Modules: ``plan`` (the grid), ``cells`` (a run on disk; the name predates "run"), ``grid`` (the runs, their
-states, ``--only``, the options check), ``bundles`` (running a bundle config), ``selection`` (minimum cell size on
-val), ``runner`` (the grid, resumable, torchrun ranks), ``results`` (the results folder), ``tables``, ``gap``,
-``cost``, ``figures`` (its parts), ``estimate`` (``--dry-run``), ``provenance`` (versions, timestamps), ``cli``.
+Modules: ``plan`` (the grid), ``runs`` (a run on disk; its record keeps the historical names ``cells/`` and
+``cell.json``), ``grid`` (the runs, their states, ``--only``, the options check), ``bundles`` (running a bundle
+config), ``min_cell_size`` (minimum cell size on val), ``runner`` (the grid, resumable, torchrun ranks),
+``results`` (the results folder), ``tables``, ``gap`` (the encoder gap's statistics), ``cost``, ``figures`` (its
+parts), ``estimate`` (``--dry-run``), ``provenance`` (versions, timestamps), ``options`` (the command line).
 """
 
-from .cli import add_study_arguments, run_study_from_args
 from .gap import pooled_paired_statistics
+from .min_cell_size import CandidateOutput
+from .options import add_study_arguments, run_study_from_args
 from .plan import SplitSpec, StudyPlan, resolve_splits
 from .results import write_results
 from .runner import StudyReport, make_plan, run_study
-from .selection import CandidateOutput
 
 __all__ = ["CandidateOutput", "SplitSpec", "StudyPlan", "StudyReport", "add_study_arguments",
            "make_plan", "pooled_paired_statistics", "resolve_splits", "run_study", "run_study_from_args", "write_results"]

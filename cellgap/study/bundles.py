@@ -1,4 +1,4 @@
-"""The study's use of the encoders' MONAI bundles: which bundle, its defaults, a cell's overrides, running a config."""
+"""The study's use of the encoders' MONAI bundles: which bundle, its defaults, a run's overrides, running a config."""
 
 from __future__ import annotations
 
@@ -52,10 +52,10 @@ def _weights_overrides(value: str) -> dict:
     return {"encoder_weights": value if value == "hub" else str(Path(value).expanduser()), "allow_random_encoder": False}
 
 
-def cell_overrides(plan: StudyPlan, split: SplitSpec, encoder: str, cell: Path, root: Path) -> dict:
-    """Bundle overrides of one cell: where things go, which data and split, which weights, the user's settings."""
+def run_overrides(plan: StudyPlan, split: SplitSpec, encoder: str, run_folder: Path, root: Path) -> dict:
+    """Bundle overrides of one run: where things go, which data and split, which weights, the user's settings."""
     out = dict(plan.overrides)
-    out.update({"bundle_root": str(root), "ckpt_dir": str(cell / "models"), "output_dir": str(cell / "runs"),
+    out.update({"bundle_root": str(root), "ckpt_dir": str(run_folder / "models"), "output_dir": str(run_folder / "runs"),
                 "dataset": plan.dataset})
     out.update(_weights_overrides(plan.encoder_weights[encoder]))
     if plan.dataset == "synthetic":

@@ -8,8 +8,8 @@ from pathlib import Path
 from ..atomic import write_json
 from ..network import COST_TILE, network_cost
 from .bundles import bundle_defaults, bundle_root, error_chain
-from .cells import read_json
 from .plan import StudyPlan
+from .runs import read_json
 
 
 def encoder_costs(results: Path, plan: StudyPlan, encoders: list[str], num_classes: int) -> dict:

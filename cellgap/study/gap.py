@@ -9,21 +9,21 @@ from pathlib import Path
 import numpy as np
 
 from ..encoders import get_encoder_spec
-from .cells import RunResult
 from .plan import StudyPlan
+from .runs import RunResult
 from .tables import encoder_label, fmt, incomplete_notes, write_table
 
 GAP_COLUMNS = ["metric", "encoder", "reference", "split", "encoder_value", "reference_value", "difference", "ci_low",
                "ci_high", "p_bootstrap", "p_permutation", "n_images", "n_splits"]
 
 
-def _run_table_and_protocol(cell: RunResult):
+def _run_table_and_protocol(run: RunResult):
     """A finished run's per-image test scores and the metric protocol they were computed with."""
     from ..metrics.protocol import Protocol
     from ..metrics.report import read_per_image_csv
 
-    table = read_per_image_csv(cell.folder / "eval_test" / "per_image.csv", cell.summary.get("class_names"))
-    fields = {k: v for k, v in cell.summary["protocol"].items() if k in Protocol.__dataclass_fields__}
+    table = read_per_image_csv(run.folder / "eval_test" / "per_image.csv", run.summary.get("class_names"))
+    fields = {k: v for k, v in run.summary["protocol"].items() if k in Protocol.__dataclass_fields__}
     return table, Protocol(**fields)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..atomic import jsonable
 from ..locking import lock_is_live, read_lock
-from .cells import CELL_FILE, is_done, read_json, run_dir, run_fingerprint, run_id
 from .plan import SplitSpec, StudyPlan
+from .runs import RUN_RECORD, is_done, read_json, run_dir, run_fingerprint, run_id
 
 STATES = ("done", "running", "failed", "todo", "changed")
 
@@ -102,8 +102,8 @@ def run_state(run: GridRun, plan: StudyPlan) -> RunState:
     owner = read_lock(run.folder)
     if lock_is_live(owner):
         return RunState(run, "running", f"{owner.get('what', '?')}: pid {owner.get('pid')} on {owner.get('host')} "
-                                        f"since {owner.get('started')}", read_json(run.folder / CELL_FILE))
-    path = run.folder / CELL_FILE
+                                        f"since {owner.get('started')}", read_json(run.folder / RUN_RECORD))
+    path = run.folder / RUN_RECORD
     record = read_json(path)
     if record is None:
         if path.exists():

@@ -10,12 +10,12 @@ from ..atomic import atomic_write_text, write_json
 from ..encoders import get_encoder_spec
 from ..locking import output_lock
 from ..network import COST_TILE
-from .cells import HEADLINE_METRICS, load_runs, missing_splits, read_json, runs_of
 from .cost import encoder_costs
 from .figures import write_figures
 from .gap import gap_table, write_gap
 from .plan import STUDY_FILE, StudyPlan
 from .provenance import now, versions
+from .runs import HEADLINE_METRICS, load_runs, missing_splits, read_json, runs_of
 from .tables import (
     METRIC_LABELS,
     csv_value,
@@ -192,12 +192,12 @@ def _per_group_stats(done: dict, encoders: list[str], attr: str, key: str, metri
     """encoder → group → metric → {mean, sd, n_splits}, from each run's per_class/per_tissue CSV."""
     out = {}
     for e in encoders:
-        cells = runs_of(done, e)
-        groups = sorted({r[key] for c in cells for r in getattr(c, attr)})
+        runs = runs_of(done, e)
+        groups = sorted({r[key] for c in runs for r in getattr(c, attr)})
         out[e] = {}
         for g in groups:
             values = {m: [] for m in metrics}
-            for c in cells:
+            for c in runs:
                 row = next((r for r in getattr(c, attr) if r[key] == g), None)
                 for m in metrics:
                     values[m].append(num(row.get(m)) if row else float("nan"))

@@ -26,13 +26,13 @@ import numpy as np
 from ..atomic import write_json
 from ..encoders import get_encoder_spec
 from ..locking import OutputLockedError, output_lock
-from .bundles import bundle_root, cell_overrides, error_chain, quiet_warnings, run_bundle
-from .cells import CELL_FILE, HEADLINE_METRICS, is_done, read_json, run_dir, run_fingerprint, run_id
+from .bundles import bundle_root, error_chain, quiet_warnings, run_bundle, run_overrides
 from .grid import check_options, grid_states, select_runs, settings_of
+from .min_cell_size import select_min_cell_size, set_checkpoint_min_cell_size
 from .plan import STUDY_FILE, SplitSpec, StudyPlan, encoder_list, resolve_splits, weights_kind, weights_table
 from .provenance import now, versions
 from .results import write_results
-from .selection import select_min_cell_size, set_checkpoint_min_cell_size
+from .runs import HEADLINE_METRICS, RUN_RECORD, is_done, read_json, run_dir, run_fingerprint, run_id
 
 
 @dataclass
@@ -48,13 +48,13 @@ class StudyReport:
     busy: list[str] = field(default_factory=list)  # runs skipped because another job held them
 
 
-def _log_selection(cell: Path, selection: dict, test_metrics: dict) -> None:
+def _log_selection(run_folder: Path, selection: dict, test_metrics: dict) -> None:
     """Candidate scores and test metrics as TensorBoard scalars beside the training run."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional for the numbers themselves
         return
-    writer = SummaryWriter(log_dir=str(cell / "runs" / "study"))
+    writer = SummaryWriter(log_dir=str(run_folder / "runs" / "study"))
     try:
         for s in selection["scores"]:
             if s["score"] is not None and math.isfinite(s["score"]):
@@ -69,9 +69,9 @@ def _log_selection(cell: Path, selection: dict, test_metrics: dict) -> None:
 
 def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, previous: dict | None, resume: bool,
              say: Callable[[str], None], device: str | None = None, launch: dict | None = None) -> dict:
-    cell = run_dir(study_dir, plan.dataset, split.name, encoder)
+    run_folder = run_dir(study_dir, plan.dataset, split.name, encoder)
     fingerprint = run_fingerprint(plan, split, encoder)
-    checkpoint = cell / "models" / "model.pt"
+    checkpoint = run_folder / "models" / "model.pt"
     prev_stages = (previous or {}).get("stages", {})
     reuse_train = bool(resume and previous and previous.get("fingerprint") == fingerprint
                        and prev_stages.get("train", {}).get("done") and checkpoint.is_file())
@@ -81,7 +81,7 @@ def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, p
                        | {"error": (previous.get("error") or {}).get("message")})
     if not reuse_train:
         for sub in ("models", "runs", "select_val", "eval_test"):
-            shutil.rmtree(cell / sub, ignore_errors=True)
+            shutil.rmtree(run_folder / sub, ignore_errors=True)
     weights = plan.encoder_weights[encoder]
     record = {
         "status": "running", "run": run_id(plan.dataset, split.name, encoder), "encoder": encoder,
@@ -92,19 +92,19 @@ def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, p
         "fingerprint": fingerprint, "settings": settings_of(plan, split, encoder), "overrides": plan.overrides, "attempt": int((previous or {}).get("attempt", 0)) + 1,
         "started": now(), "finished": None, "stages": {"train": prev_stages.get("train", {})} if reuse_train else {},
         "timings": dict((previous or {}).get("timings", {})) if reuse_train else {},
-        "paths": {"cell": str(cell.relative_to(study_dir)), "checkpoint": "models/model.pt", "tensorboard": "runs",
+        "paths": {"cell": str(run_folder.relative_to(study_dir)), "checkpoint": "models/model.pt", "tensorboard": "runs",
                   "selection": "select_val", "evaluation": "eval_test"},
         "versions": versions(), "history": history,
         "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": device or "bundle default", **(launch or {})},
     }
-    path = cell / CELL_FILE
+    path = run_folder / RUN_RECORD
     write_json(path, record)
     stage = "setup"
     start = time.time()
     try:
         root = bundle_root(encoder, plan, study_dir)
         record["bundle"] = root.name
-        overrides = cell_overrides(plan, split, encoder, cell, root)
+        overrides = run_overrides(plan, split, encoder, run_folder, root)
         if device is not None:  # this rank's own device (torchrun), not part of the run's settings
             overrides["device"] = f"$torch.device('{device}')"
         if plan.dataset == "synthetic":
@@ -125,7 +125,7 @@ def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, p
         stage = "select"
         t = time.time()
         with quiet_warnings():
-            selection = select_min_cell_size(root, overrides, cell, plan.min_cell_sizes)
+            selection = select_min_cell_size(root, overrides, run_folder, plan.min_cell_sizes)
         set_checkpoint_min_cell_size(checkpoint, selection["chosen"], selection["metric"])
         record["min_cell_size"] = selection
         record["timings"]["select_s"] = round(time.time() - t, 2)
@@ -138,16 +138,16 @@ def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, p
         t = time.time()
         run_bundle(root, ["train.json", "evaluate.json"],
                     {**overrides, "eval_split": "test", "min_cell_size": selection["chosen"],
-                     "bootstrap": plan.eval_bootstrap, "eval_dir": str(cell / "eval_test")})
-        summary = read_json(cell / "eval_test" / "summary.json")
+                     "bootstrap": plan.eval_bootstrap, "eval_dir": str(run_folder / "eval_test")})
+        summary = read_json(run_folder / "eval_test" / "summary.json")
         if summary is None:
-            raise RuntimeError(f"evaluation wrote no {cell / 'eval_test' / 'summary.json'}")
+            raise RuntimeError(f"evaluation wrote no {run_folder / 'eval_test' / 'summary.json'}")
         record["timings"]["evaluate_s"] = round(time.time() - t, 2)
         record["stages"]["evaluate"] = {"done": True, "finished": now()}
         record["test"] = {"split": "test", "metrics": {k: summary["metrics"].get(k) for k in HEADLINE_METRICS},
                           "n_images": summary["metrics"].get("n_images"), "protocol": summary.get("protocol"),
                           "class_names": summary.get("class_names")}
-        _log_selection(cell, selection, summary["metrics"])
+        _log_selection(run_folder, selection, summary["metrics"])
         record["status"] = "done"
     except Exception as e:  # one run's crash must not stop the grid
         record["status"] = "failed"
@@ -355,7 +355,7 @@ def run_study(
     for k, run in enumerate(share, 1):
         try:
             with output_lock(run.folder, f"study run {run.id}"):
-                previous = read_json(run.folder / CELL_FILE)
+                previous = read_json(run.folder / RUN_RECORD)
                 fingerprint = run_fingerprint(plan, run.split, run.encoder)
                 if resume and is_done(previous, run.folder, fingerprint):
                     say(f"[{k}/{len(share)}] {run.id}: done earlier, skipped")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..workflow import CandidateOutput, candidate_suffix  # noqa: F401  (where the study's callers found them)
-from .cells import HEADLINE_METRICS
+from .runs import HEADLINE_METRICS
 
 
 def default_min_cell_sizes(magnification: int) -> list[int]:
@@ -34,7 +34,7 @@ def selection_score(metrics: Mapping[str, float], num_classes: int) -> float:
     return float(metrics["pq"]) + float(metrics["f1d"])
 
 
-def select_min_cell_size(root: Path, overrides: dict, cell: Path, candidates: list[int] | None) -> dict:
+def select_min_cell_size(root: Path, overrides: dict, run_folder: Path, candidates: list[int] | None) -> dict:
     """Run the trained network once over the validation split; score every candidate minimum cell size."""
     from monai.bundle import ConfigParser
 
@@ -53,7 +53,7 @@ def select_min_cell_size(root: Path, overrides: dict, cell: Path, candidates: li
         # the bundle's builders post-process and score once per candidate; only the decoder's loader and a report run
         parser.update({"min_cell_size_candidates": sizes, "validate#handlers": [
             "@validate#checkpoint_loader",
-            {"_target_": "cellgap.metrics.handlers.MetricsReportSaver", "output_dir": str(cell / "select_val"), "bootstrap": 0}]})
+            {"_target_": "cellgap.metrics.handlers.MetricsReportSaver", "output_dir": str(run_folder / "select_val"), "bootstrap": 0}]})
         names = [f"min_cell_size_{c}" for c in sizes]
         evaluator = parser.get_parsed_content("validate#evaluator")
         evaluator.run()

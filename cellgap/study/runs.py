@@ -12,7 +12,7 @@ from pathlib import Path
 from ..atomic import jsonable
 from .plan import SplitSpec, StudyPlan
 
-CELL_FILE = "cell.json"
+RUN_RECORD = "cell.json"  # a run's record; the name predates "run" and stays for existing study folders
 # Headline metrics of the tables, in order (keys of the evaluation's summary.json).
 HEADLINE_METRICS = ("pq", "bpq", "mpq", "mpq+", "aji", "dice", "f1d", "dq", "sq", "aji+", "r2")
 
@@ -42,9 +42,9 @@ def run_fingerprint(plan: StudyPlan, split: SplitSpec, encoder: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def is_done(record: dict | None, cell: Path, fingerprint: str) -> bool:
+def is_done(record: dict | None, run_folder: Path, fingerprint: str) -> bool:
     return bool(record and record.get("status") == "done" and record.get("fingerprint") == fingerprint
-                and (cell / "eval_test" / "per_image.csv").is_file() and (cell / "eval_test" / "summary.json").is_file())
+                and (run_folder / "eval_test" / "per_image.csv").is_file() and (run_folder / "eval_test" / "summary.json").is_file())
 
 
 @dataclass
