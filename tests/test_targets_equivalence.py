@@ -1,4 +1,4 @@
-"""Golden outputs of the CISCA training targets: every change to cellgap/targets.py must give
+"""Golden outputs of the CISCA training targets: every change to cellgap/targets/ must give
 bit-identical arrays (np.array_equal, dtypes included; float maps too, no tolerance).
 
 tests/data/targets_golden.npz holds the instance maps and the outputs of ``contour_levels``,

@@ -9,7 +9,7 @@ only, in float32. The targets are recomputed afterwards from the augmented insta
 
 :func:`cisca_augmentations` returns the ordered pipeline of §7 (augHE / augNissl). MONAI supplies
 the crop, the kernels and draws of Gaussian blur and sharpening, contrast about the mean and
-brightness; this module adds what MONAI lacks:
+brightness; this package adds what MONAI lacks:
 
 * :class:`RandLABStainJitterd` — RandStainNA-like jitter of the tile's CIELAB statistics towards
   per-dataset targets (:data:`STAIN_STATISTICS`);
