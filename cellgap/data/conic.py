@@ -65,14 +65,12 @@ _NAME_PATTERN = re.compile(r"^([A-Za-z0-9]+)_([^-]+)-(\d+)$")
 
 
 def dataset_info(protocol: str = DEFAULT_PROTOCOL) -> DatasetInfo:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    chosen = SPEC.protocol(protocol)
     return DatasetInfo(
         name=NAME, class_names=CLASS_NAMES, magnification=MAGNIFICATION, mpp=MPP, min_cell_size=MIN_CELL_SIZE,
-        empty_policy=PROTOCOLS[protocol]["empty_policy"], tissue_label="cohort",
-        description=f"CoNIC challenge patches (Lizard, colon), 256² tiles at 20x; split = {PROTOCOLS[protocol]['description']}",
-        extra={"protocol": protocol,
-               "protocols": {p: {"column": f"split_{p}", "default": p == protocol, **v} for p, v in PROTOCOLS.items()},
+        empty_policy=chosen.empty_policy, tissue_label="cohort",
+        description=f"CoNIC challenge patches (Lizard, colon), 256² tiles at 20x; split = {chosen.description}",
+        extra={"protocol": protocol, "protocols": SPEC.protocol_table(protocol),
                "licence": LICENCE, "source": "https://conic-challenge.grand-challenge.org",
                "count_region": 224},
     )

@@ -77,14 +77,12 @@ def _check_magnification(magnification: int) -> int:
 def dataset_info(magnification: int = 20, protocol: str = DEFAULT_PROTOCOL, protocols=tuple(PROTOCOLS),
                  tile_size: int | None = TILE_SIZE) -> DatasetInfo:
     mag = _check_magnification(magnification)
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    chosen = SPEC.protocol(protocol)
     return DatasetInfo(
         name=f"{NAME}_{mag}x", class_names=CLASS_NAMES, magnification=mag, mpp=MPP[mag], min_cell_size=MIN_CELL_SIZE[mag],
-        empty_policy=PROTOCOLS[protocol]["empty_policy"], tissue_label="brain area",
-        description=f"CytoDArk0 Nissl-stained brain at {mag}x; split = {PROTOCOLS[protocol]['description']}",
-        extra={"protocol": protocol,
-               "protocols": {p: {"column": f"split_{p}", "default": p == protocol, **PROTOCOLS[p]} for p in protocols},
+        empty_policy=chosen.empty_policy, tissue_label="brain area",
+        description=f"CytoDArk0 Nissl-stained brain at {mag}x; split = {chosen.description}",
+        extra={"protocol": protocol, "protocols": SPEC.protocol_table(protocol, protocols),
                "tile_size": tile_size, "test_ids": list(TEST_IDS[mag]),
                "areas": [{"ids": [a, b], "area": name} for a, b, name in AREAS],
                "source": "https://zenodo.org/records/13694738",

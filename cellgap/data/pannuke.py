@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,20 +74,14 @@ OVERLAP_RULE = ("each (channel, id) pair is one cell; a pixel claimed by several
                 "(ties: lower channel index); ids renumbered 1..N")
 
 
-def protocol_table(protocols: Iterable[str], default: str) -> dict:
-    """Manifest column and empty-image policy of each protocol (``split`` holds the default's copy)."""
-    return {p: {"column": f"split_{p}", "default": p == default, **PROTOCOLS[p]} for p in protocols}
-
-
 def dataset_info(protocol: str = DEFAULT_PROTOCOL, protocols: Sequence[str] = tuple(PROTOCOLS)) -> DatasetInfo:
     """PanNuke's facts; ``protocol`` chooses the default split and its empty-image policy."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    chosen = SPEC.protocol(protocol)
     return DatasetInfo(
         name=NAME, class_names=CLASS_NAMES, magnification=MAGNIFICATION, mpp=MPP, min_cell_size=MIN_CELL_SIZE,
-        empty_policy=PROTOCOLS[protocol]["empty_policy"], tissue_label="tissue",
-        description=f"PanNuke, 19 tissues, 256² tiles at 40x; split = {PROTOCOLS[protocol]['description']}",
-        extra={"protocol": protocol, "protocols": protocol_table(protocols, protocol), "licence": LICENCE,
+        empty_policy=chosen.empty_policy, tissue_label="tissue",
+        description=f"PanNuke, 19 tissues, 256² tiles at 40x; split = {chosen.description}",
+        extra={"protocol": protocol, "protocols": SPEC.protocol_table(protocol, protocols), "licence": LICENCE,
                "source": "https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke", "overlap_rule": OVERLAP_RULE},
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -82,6 +82,15 @@ class DatasetSpec:
             if p.name == name:
                 return p
         raise ValueError(f"protocol: expected one of {sorted(p.name for p in self.protocols)}, got {name!r}")
+
+    def protocol_table(self, default: str, protocols: Iterable[str] | None = None) -> dict:
+        """``dataset.json``'s ``protocols``: for each of ``protocols`` (default: all) its manifest column, whether it
+        is the ``default`` one, its empty-image policy and description; an unknown name is a ValueError."""
+        self.protocol(default)
+        names = [p.name for p in self.protocols] if protocols is None else list(protocols)
+        specs = [self.protocol(n) for n in names]
+        return {p.name: {"column": p.column, "default": p.name == default, "empty_policy": p.empty_policy,
+                         "description": p.description} for p in specs}
 
     def metric_preset(self, protocol: str | None = None) -> str:
         """The metric preset of ``protocol`` (None: the default protocol); ``custom`` for datasets without protocols."""
