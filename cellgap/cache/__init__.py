@@ -33,14 +33,19 @@ than 1e-3 relative in tests/test_cache.py and scripts/benchmark_cache.py (see do
 
 from .fill import default_fill_transform, fill_cache
 from .keys import dataset_identity, encoder_identity, parameter_fingerprint, weights_identity
-from .store import CACHE_DTYPES, EmbeddingCache, bytes_per_row
-from .transforms import CACHE_KEYS, CachedFeaturesd, PrepareCachedCISCABatch
+from .store import CACHE_DTYPES, COMPLETE, DIGEST_SIZE, FORMAT_VERSION, NUM_LEVELS, EmbeddingCache, bytes_per_row
+from .transforms import CACHE_KEYS, FEATURES_KEY, CachedFeaturesd, PrepareCachedCISCABatch
 from .views import CACHE_MODES, SeededViewd, ViewSpec, view_seed
 
 __all__ = [
     "CACHE_DTYPES",
     "CACHE_KEYS",
     "CACHE_MODES",
+    "COMPLETE",
+    "DIGEST_SIZE",
+    "FEATURES_KEY",
+    "FORMAT_VERSION",
+    "NUM_LEVELS",
     "CachedFeaturesd",
     "EmbeddingCache",
     "PrepareCachedCISCABatch",

@@ -19,9 +19,17 @@ Everything is vectorised over instances: the cost of a tile does not grow with i
 from .dense import DenseTargets
 from .maps import (
     BACKGROUND,
+    BACKGROUND_WEIGHT,
     BODY,
     BOUNDARY,
     CLEFT,
+    CONTOUR_CLASS_COUNTS,
+    DISTANCE_MODES,
+    INSTANCE_CLASS_RULES,
+    MIN_BODY_COMPONENT,
+    MIN_BOUNDARY_COMPONENT,
+    MIN_CLEFT_COMPONENT,
+    TIPS_DIAGONAL_FACTOR,
     class_map_from_instances,
     contour_classes,
     contour_levels,
@@ -29,15 +37,26 @@ from .maps import (
     instance_classes,
     weight_mask,
 )
+from .morphology import EIGHT_CONNECTED, FOUR_CONNECTED
 from .transforms import CONTOUR_LEVELS_KEY, CONTOUR_PROFILE_KEY, CISCATargetsd, ContourLevelsd
 
 __all__ = [
     "BACKGROUND",
+    "BACKGROUND_WEIGHT",
     "BODY",
     "BOUNDARY",
+    "CLEFT",
+    "CONTOUR_CLASS_COUNTS",
     "CONTOUR_LEVELS_KEY",
     "CONTOUR_PROFILE_KEY",
-    "CLEFT",
+    "DISTANCE_MODES",
+    "EIGHT_CONNECTED",
+    "FOUR_CONNECTED",
+    "INSTANCE_CLASS_RULES",
+    "MIN_BODY_COMPONENT",
+    "MIN_BOUNDARY_COMPONENT",
+    "MIN_CLEFT_COMPONENT",
+    "TIPS_DIAGONAL_FACTOR",
     "CISCATargetsd",
     "ContourLevelsd",
     "DenseTargets",

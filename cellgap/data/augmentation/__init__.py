@@ -51,12 +51,54 @@ from .filters import (
 )
 from .geometric import RandCoarseElasticd, RandDihedrald, RandDihedralElasticd, RandSquareCropd
 from .intensity import ClipIntensityd, RandAdditiveGaussianNoised, RandGammaContrastd
-from .recipe import cisca_augmentations
+from .recipe import (
+    BLUR_NOISE_PROB,
+    BLUR_NOISE_STD,
+    BLUR_NOISE_WEIGHTS,
+    BLUR_SIGMA,
+    BRIGHTNESS_SCALE,
+    BRIGHTNESS_SHIFT,
+    COLOUR_PROB,
+    COLOUR_WEIGHTS,
+    CONTRAST_PROB,
+    CONTRAST_WEIGHTS,
+    GAMMA,
+    HSV_SHIFTS,
+    HUE_SHIFT,
+    MEAN_CONTRAST,
+    NOISE_PROB,
+    NOISE_STD,
+    SHARPEN_ALPHA,
+    SHARPEN_SIGMA1,
+    SHARPEN_SIGMA2,
+    STAIN_PROB,
+    cisca_augmentations,
+)
 from .samples import INTENSITY_MAX, CheckTiled
 from .stain import STAIN_STATISTICS, RandLABStainJitterd, StainStatistics, stain_statistics
 
 __all__ = [
+    "BLUR_NOISE_PROB",
+    "BLUR_NOISE_STD",
+    "BLUR_NOISE_WEIGHTS",
+    "BLUR_SIGMA",
+    "BRIGHTNESS_SCALE",
+    "BRIGHTNESS_SHIFT",
+    "COLOUR_PROB",
+    "COLOUR_WEIGHTS",
+    "CONTRAST_PROB",
+    "CONTRAST_WEIGHTS",
+    "GAMMA",
+    "HSV_SHIFTS",
+    "HUE_SHIFT",
     "INTENSITY_MAX",
+    "MEAN_CONTRAST",
+    "NOISE_PROB",
+    "NOISE_STD",
+    "SHARPEN_ALPHA",
+    "SHARPEN_SIGMA1",
+    "SHARPEN_SIGMA2",
+    "STAIN_PROB",
     "STAIN_STATISTICS",
     "CheckTiled",
     "ClipIntensityd",
