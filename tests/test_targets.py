@@ -33,11 +33,11 @@ PROFILES = [PROFILE_20X, PROFILE_40X]
 SE_NAMES = ["se_cleft", "se_boundary", "se_boundary_large", "se_thin", "se_fragment_1", "se_fragment_2"]
 
 
-def two_squares(height: int, width: int, side: int, top: int, left: int, gap: int) -> np.ndarray:
-    """Instance 1 at (top, left) and instance 2 ``gap`` columns to its right, both side×side."""
+def two_squares(height: int, width: int, side: int, top: int, left: int, spacing: int) -> np.ndarray:
+    """Instance 1 at (top, left) and instance 2 ``spacing`` columns to its right, both side×side."""
     label = np.zeros((height, width), dtype=np.int32)
     label[top : top + side, left : left + side] = 1
-    label[top : top + side, left + side + gap : left + 2 * side + gap] = 2
+    label[top : top + side, left + side + spacing : left + 2 * side + spacing] = 2
     return label
 
 
@@ -138,7 +138,7 @@ def test_max_min_filter_touching_equals_per_instance_dilation(profile):
 
 
 def test_touching_squares_20x_boundary_one_pixel_each_side():
-    label = two_squares(24, 30, side=10, top=7, left=5, gap=0)  # interface between columns 14 | 15
+    label = two_squares(24, 30, side=10, top=7, left=5, spacing=0)  # interface between columns 14 | 15
     levels = contour_levels(label, PROFILE_20X)
     assert levels.dtype == np.uint8 and levels.shape == label.shape
     expected = np.where(label > 0, BODY, -1)
@@ -152,7 +152,7 @@ def test_touching_squares_20x_boundary_one_pixel_each_side():
 
 
 def test_touching_squares_40x_boundary_two_pixels_each_side():
-    label = two_squares(36, 44, side=14, top=11, left=8, gap=0)  # interface between columns 21 | 22
+    label = two_squares(36, 44, side=14, top=11, left=8, spacing=0)  # interface between columns 21 | 22
     levels = contour_levels(label, PROFILE_40X)
     foreground = label > 0
     expected = np.where(foreground, BODY, -1)
@@ -162,11 +162,11 @@ def test_touching_squares_40x_boundary_two_pixels_each_side():
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
-@pytest.mark.parametrize("gap", [1, 2, 3])
-def test_narrow_gap_between_cells_is_cleft_level(profile, gap):
-    label = two_squares(40, 48, side=12, top=14, left=10, gap=gap)
+@pytest.mark.parametrize("spacing", [1, 2, 3])
+def test_narrow_background_between_cells_is_cleft_level(profile, spacing):
+    label = two_squares(40, 48, side=12, top=14, left=10, spacing=spacing)
     levels = contour_levels(label, profile)
-    between = levels[14:26, 22 : 22 + gap]
+    between = levels[14:26, 22 : 22 + spacing]
     assert (between == CLEFT).all(), between
     assert levels[0, 0] == BACKGROUND
 
@@ -174,7 +174,7 @@ def test_narrow_gap_between_cells_is_cleft_level(profile, gap):
 def test_near_contact_40x_thin_band_becomes_boundary():
     # 2 px apart: no pixel has the other cell within SE_b (city-block 2), but the SE_bL band is
     # 3 px wide on each side, vanishes under the 5×5 erosion and so becomes boundary (step 7).
-    label = two_squares(36, 44, side=12, top=12, left=8, gap=2)  # cell 1 columns 8..19, cell 2 22..33
+    label = two_squares(36, 44, side=12, top=12, left=8, spacing=2)  # cell 1 columns 8..19, cell 2 22..33
     levels = contour_levels(label, PROFILE_40X)
     assert (levels[12:24, 17:20] == BOUNDARY).all() and (levels[12:24, 22:25] == BOUNDARY).all()
     assert (levels[12:24, 8:17] == BODY).all() and (levels[12:24, 25:34] == BODY).all()
@@ -471,7 +471,7 @@ def test_targets_use_the_moved_contour_levels_when_present():
     np.testing.assert_array_equal(transform(sample)["contour_target"], transform({"label": label})["contour_target"])
     # The stored map wins over the label map (the reference moves it instead of recomputing it) …
     moved = dict(sample, **{CONTOUR_LEVELS_KEY: torch.full((1, 24, 24), CLEFT, dtype=torch.uint8)})
-    assert (transform(moved)["contour_target"] == 2).all()  # gap merges into background for K = 3
+    assert (transform(moved)["contour_target"] == 2).all()  # the cleft merges into background for K = 3
     assert torch.equal(moved[CONTOUR_LEVELS_KEY], torch.full((1, 24, 24), CLEFT, dtype=torch.uint8))  # not modified
     # … and a map stored for another profile is recomputed.
     stale = {"label": torch.from_numpy(label), CONTOUR_LEVELS_KEY: moved[CONTOUR_LEVELS_KEY], CONTOUR_PROFILE_KEY: "20x"}
