@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cellgap.data.fixtures import write_folder
 from cellgap.data.prepared import PreparedWriter, check_replaceable, read_manifest
 from cellgap.data.synthetic import generate_tile, synthetic_info
 from cellgap.locking import LOCK_NAME, OutputLockedError
+from cellgap.testing.fixtures import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prepare_data.py"
