@@ -24,30 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augmentation import recipe
 from .augmentation.colour import LAB8_OFFSET, LAB8_SCALE, LAB_DELTA, RGB_TO_XYZN, XYZN_TO_RGB
 from .augmentation.filters import gaussian_kernel, median3x3
-from .augmentation.recipe import (
-    BLUR_NOISE_PROB,
-    BLUR_NOISE_STD,
-    BLUR_NOISE_WEIGHTS,
-    BLUR_SIGMA,
-    BRIGHTNESS_SCALE,
-    BRIGHTNESS_SHIFT,
-    COLOUR_PROB,
-    COLOUR_WEIGHTS,
-    CONTRAST_PROB,
-    CONTRAST_WEIGHTS,
-    GAMMA,
-    HSV_SHIFTS,
-    HUE_SHIFT,
-    MEAN_CONTRAST,
-    NOISE_PROB,
-    NOISE_STD,
-    SHARPEN_ALPHA,
-    SHARPEN_SIGMA1,
-    SHARPEN_SIGMA2,
-    STAIN_PROB,
-)
 from .augmentation.samples import INTENSITY_MAX
 from .augmentation.stain import StainStatistics, stain_statistics
 
@@ -191,14 +170,14 @@ class BatchPhotometricAugmentation:
                                 generator=self.generator)
             std = torch.normal(torch.tensor(s.std_mu).expand(n, 3), torch.tensor(s.std_sigma).expand(n, 3) * self.sigma_scale,
                                generator=self.generator).clamp_min(self.min_std)
-            stain = self._one_of("stain", n, [1.0], self._p(STAIN_PROB))
+            stain = self._one_of("stain", n, [1.0], self._p(recipe.STAIN_PROB))
             apply(stain, 0, lambda batch, rows: stain_transfer(batch, on(mean[rows]), on(std[rows])))
 
-        sigma = [self._uniform(n, *BLUR_SIGMA) for _ in range(2)]
-        noise_std = self._uniform(n, 0.0, BLUR_NOISE_STD)
-        sharp = [self._uniform(n, *SHARPEN_SIGMA1) for _ in range(2)] + [self._uniform(n, *SHARPEN_SIGMA2) for _ in range(2)]
-        alpha = self._uniform(n, *SHARPEN_ALPHA)
-        blur = self._one_of("blur_noise", n, BLUR_NOISE_WEIGHTS, self._p(BLUR_NOISE_PROB))
+        sigma = [self._uniform(n, *recipe.BLUR_SIGMA) for _ in range(2)]
+        noise_std = self._uniform(n, 0.0, recipe.BLUR_NOISE_STD)
+        sharp = [self._uniform(n, *recipe.SHARPEN_SIGMA1) for _ in range(2)] + [self._uniform(n, *recipe.SHARPEN_SIGMA2) for _ in range(2)]
+        alpha = self._uniform(n, *recipe.SHARPEN_ALPHA)
+        blur = self._one_of("blur_noise", n, recipe.BLUR_NOISE_WEIGHTS, self._p(recipe.BLUR_NOISE_PROB))
         apply(blur, 0, lambda batch, rows: gaussian_filter(batch, sigma[0][rows], sigma[1][rows]))
         apply(blur, 1, lambda batch, rows: median3x3(batch))
         apply(blur, 2, lambda batch, rows: batch + self._noise(batch) * on(noise_std[rows])[:, None, None, None])
@@ -209,10 +188,10 @@ class BatchPhotometricAugmentation:
 
         apply(blur, 3, sharpen)
 
-        gamma = self._uniform(n, *GAMMA)
-        mean_factor = self._uniform(n, -MEAN_CONTRAST, MEAN_CONTRAST)
-        scale_factor = self._uniform(n, -BRIGHTNESS_SCALE, BRIGHTNESS_SCALE)
-        contrast = self._one_of("contrast", n, CONTRAST_WEIGHTS, self._p(CONTRAST_PROB))
+        gamma = self._uniform(n, *recipe.GAMMA)
+        mean_factor = self._uniform(n, -recipe.MEAN_CONTRAST, recipe.MEAN_CONTRAST)
+        scale_factor = self._uniform(n, -recipe.BRIGHTNESS_SCALE, recipe.BRIGHTNESS_SCALE)
+        contrast = self._one_of("contrast", n, recipe.CONTRAST_WEIGHTS, self._p(recipe.CONTRAST_PROB))
 
         def gamma_contrast(batch, rows):
             low = batch.amin(dim=(1, 2, 3), keepdim=True)
@@ -227,17 +206,17 @@ class BatchPhotometricAugmentation:
         apply(contrast, 1, about_mean)
         apply(contrast, 2, lambda batch, rows: batch * (1 + on(scale_factor[rows]))[:, None, None, None])
 
-        hsv = [self._uniform(n, -limit, limit) for limit in HSV_SHIFTS]
-        hue = self._uniform(n, -HUE_SHIFT, HUE_SHIFT)
-        offset = self._uniform(n, -BRIGHTNESS_SHIFT, BRIGHTNESS_SHIFT)
-        colour = self._one_of("colour", n, COLOUR_WEIGHTS, self._p(COLOUR_PROB))
+        hsv = [self._uniform(n, -limit, limit) for limit in recipe.HSV_SHIFTS]
+        hue = self._uniform(n, -recipe.HUE_SHIFT, recipe.HUE_SHIFT)
+        offset = self._uniform(n, -recipe.BRIGHTNESS_SHIFT, recipe.BRIGHTNESS_SHIFT)
+        colour = self._one_of("colour", n, recipe.COLOUR_WEIGHTS, self._p(recipe.COLOUR_PROB))
         apply(colour, 0, lambda batch, rows: shift_hsv(batch, *(on(v[rows]) for v in hsv)))
         zero = torch.zeros(n, dtype=torch.float64)
         apply(colour, 1, lambda batch, rows: shift_hsv(batch, on(hue[rows]), on(zero[rows]), on(zero[rows]))
               + on(offset[rows])[:, None, None, None])
 
-        final_std = self._uniform(n, 0.0, NOISE_STD)
-        noise = self._one_of("noise", n, [1.0], self._p(NOISE_PROB))
+        final_std = self._uniform(n, 0.0, recipe.NOISE_STD)
+        noise = self._one_of("noise", n, [1.0], self._p(recipe.NOISE_PROB))
         apply(noise, 0, lambda batch, rows: batch + self._noise(batch) * on(final_std[rows])[:, None, None, None])
         return x.clamp_(0, INTENSITY_MAX)
 
