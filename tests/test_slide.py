@@ -291,3 +291,78 @@ def test_missing_resolution_is_a_clear_error_from_the_command(tmp_path, slides, 
     with pytest.raises(SystemExit):
         main(["segment", str(slides["png"]), "--model", str(checkpoint), "--out", str(tmp_path), "--no-progress"])
     assert "case.png" in capsys.readouterr().err and "--mpp" in capsys.readouterr().err + "--mpp"
+
+
+# ------------------------------------------------------------------------------------------------ resume, memory
+_CHILD = """
+import sys, time, json, resource
+from cellgap.slide.run import LoadedModel, SlideOptions, segment_slide
+from cellgap.slide.synthetic import StainThresholdNet, stain_threshold_meta
+
+class Slow(StainThresholdNet):
+    def forward(self, x):
+        time.sleep(float(sys.argv[3]))
+        return super().forward(x)
+
+model = LoadedModel(Slow(), stain_threshold_meta(), checkpoint="stain-threshold", checkpoint_sha256="0")
+options = SlideOptions(tile_size=int(sys.argv[4]), batch_size=1, workers=0, postprocess_workers=0, progress=False)
+summary = segment_slide(sys.argv[1], sys.argv[2], model, options)
+print(json.dumps({"cells": summary["cells"], "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _child(args: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_finished_tiles_and_equals_an_uninterrupted_run(tmp_path, slides):
+    import signal
+    import time
+
+    reference = segment_slide(slides["ome"], tmp_path / "reference", stain_model(), SlideOptions(**{**FAST, "tile_size": 256}))
+    journal = tmp_path / "killed" / "case" / ".journal"
+    child = _child([str(slides["ome"]), str(tmp_path / "killed"), "0.5", "256"])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("tile_*.npz"))) < 3 and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    finished = len(list(journal.glob("tile_*.npz")))
+    assert 3 <= finished < reference["tiles"]["tissue"], "the child finished before it was killed"
+    assert not (tmp_path / "killed" / "case" / "summary.json").exists()
+    resumed = segment_slide(slides["ome"], tmp_path / "killed", stain_model(), SlideOptions(**{**FAST, "tile_size": 256}))
+    assert resumed["status"] == "resumed" and resumed["tiles"]["from_journal"] == finished
+    assert resumed["cells"] == reference["cells"]
+    for name in ("cells.geojson", "cells.csv"):
+        assert (tmp_path / "killed" / "case" / name).read_bytes() == (tmp_path / "reference" / "case" / name).read_bytes()
+
+
+@pytest.mark.heavy
+def test_peak_memory_does_not_grow_with_the_slide(tmp_path):
+    peaks = []
+    for side in (2048, 4096):
+        path = write_slide(tmp_path / f"s{side}.ome.tif", synthetic_slide(side, side, seed=side, tissue=0.7), 0.5, kind="ome")
+        child = _child([str(path), str(tmp_path / "out"), "0", "1024"])
+        out, err = child.communicate(timeout=1800)
+        assert child.returncode == 0, err[-2000:]
+        peaks.append(json.loads(out.strip().splitlines()[-1])["peak_rss_kb"])
+    assert abs(peaks[1] - peaks[0]) / peaks[0] < 0.15, peaks
+
+
+def test_bundle_segment_config_runs_through_monai_bundle(tmp_path, slides, checkpoint):
+    from monai.bundle import ConfigParser
+
+    from cellgap.slide.bundle_config import segment_config
+
+    parser = ConfigParser(segment_config())
+    parser.update({"bundle_root": str(checkpoint), "input": [str(slides["svs"])], "out": str(tmp_path), "device": "cpu",
+                   "tile_size": 512, "num_workers": 0, "postprocess_workers": 0})
+    parser.parse()
+    (summaries,) = parser.get_parsed_content("run")
+    assert summaries[0]["finished"] and summaries[0]["checkpoint"] == str(checkpoint / "models" / "model.pt")
+    assert (tmp_path / "case" / "cells.geojson").is_file()
