@@ -366,3 +366,25 @@ def test_bundle_segment_config_runs_through_monai_bundle(tmp_path, slides, check
     (summaries,) = parser.get_parsed_content("run")
     assert summaries[0]["finished"] and summaries[0]["checkpoint"] == str(checkpoint / "models" / "model.pt")
     assert (tmp_path / "case" / "cells.geojson").is_file()
+
+
+def test_torchrun_cohort_two_gloo_ranks_do_each_of_four_slides_exactly_once(tmp_path, checkpoint):
+    import os
+    import subprocess
+    import sys
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for i in range(4):
+        write_slide(cohort / f"slide{i}.svs", synthetic_slide(512, 512, seed=20 + i, tissue=0.6), 0.25, kind="svs", levels=2,
+                    magnification=40)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cellgap.cli",
+               "segment", str(cohort), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--tile-size", "512",
+               "--workers", "0", "--postprocess-workers", "0", "--no-progress", "--device", "cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((tmp_path / "out" / f"slide{i}" / "summary.json").read_text()) for i in range(4)]
+    assert sorted(s["rank"] for s in summaries) == [0, 0, 1, 1]
+    lines = [line for line in result.stdout.splitlines() if ": done," in line]
+    assert sorted(line.split(":")[0] for line in lines) == [f"slide{i}" for i in range(4)]  # each exactly once

@@ -70,17 +70,18 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return found
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun."""
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call joined the process group); joins it when started by torchrun."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not dist.is_initialized():
+        joined = not dist.is_initialized()
+        if joined:
             import torch
 
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), joined
+    return 0, 1, False
 
 
 def load(model: str, encoder_weights: str | None, device: str) -> LoadedModel:
@@ -97,7 +98,7 @@ def segment_slides(inputs: list[str], model: str | LoadedModel, out: str, encode
 
     options = options or SlideOptions()
     options.device = device or options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = _distributed()
+    rank, world, joined = _distributed()
     if world > 1 and options.device.startswith("cuda") and ":" not in options.device:
         options.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     slides = collect_inputs(list(inputs))
@@ -122,7 +123,9 @@ def segment_slides(inputs: list[str], model: str | LoadedModel, out: str, encode
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier()  # every rank's slides are finished before any rank reports the cohort done
+        if joined:
+            dist.destroy_process_group()
     return summaries
 
 
