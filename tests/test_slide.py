@@ -37,6 +37,17 @@ def slides(tmp_path_factory, tissue_image) -> dict[str, Path]:
             "png": write_slide(root / "case.png", tissue_image, None, kind="plain")}
 
 
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory) -> Path:
+    """Four small SVS slides (512² at 0.25 µm/px: one 512-px tile each at 0.5 µm/px)."""
+    cohort = tmp_path_factory.mktemp("cohort")
+    for i in range(4):
+        write_slide(cohort / f"slide{i}.svs", synthetic_slide(512, 512, seed=20 + i, tissue=0.6), 0.25, kind="svs", levels=2,
+                    magnification=40)
+    (cohort / "notes.txt").write_text("not a slide")
+    return cohort
+
+
 def stain_model() -> LoadedModel:
     return LoadedModel(StainThresholdNet(), stain_threshold_meta(), checkpoint="stain-threshold", checkpoint_sha256="0")
 
@@ -173,7 +184,7 @@ def test_outputs_are_valid_qupath_geojson_readable_by_geopandas_and_match_the_ta
 
 
 def test_seams_tiles_equal_whole_image_inference_no_cell_duplicated_or_cut(tmp_path):
-    _seams(tmp_path, size=768)
+    _seams(tmp_path, size=512)
 
 
 @pytest.mark.heavy
@@ -255,18 +266,15 @@ def checkpoint(tmp_path_factory) -> Path:
     return run
 
 
-def test_segment_command_runs_a_checkpoint_on_a_cohort_folder_and_skips_finished_slides(tmp_path, slides, checkpoint, capsys):
+def test_segment_command_runs_a_checkpoint_on_a_cohort_and_skips_finished_slides(tmp_path, small_cohort, checkpoint, capsys):
     from cellgap.cli import main
 
-    cohort = tmp_path / "cohort"
-    cohort.mkdir()
-    for key in ("svs", "ome"):
-        (cohort / f"{key}_{slides[key].name}").symlink_to(slides[key])
-    (cohort / "notes.txt").write_text("not a slide")
-    args = ["segment", str(cohort), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--tile-size", "512",
-            "--workers", "0", "--postprocess-workers", "1", "--no-progress", "--device", "cpu"]
+    listing = tmp_path / "cohort.txt"
+    listing.write_text(f"{small_cohort / 'slide0.svs'}\n{small_cohort / 'slide1.svs'}\n")
+    args = ["segment", f"@{listing}", "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--tile-size", "512",
+            "--workers", "1", "--postprocess-workers", "1", "--no-progress", "--device", "cpu"]
     assert main(args) == 0
-    summary = json.loads((tmp_path / "out" / "svs_case" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "slide0" / "summary.json").read_text())
     assert summary["finished"] and summary["encoder"] == "convnext_atto" and summary["class_names"] == ["tumour", "other"]
     assert summary["processing"]["level"] == 1 and len(summary["checkpoint_sha256"]) == 64
     assert main(args) == 0
@@ -326,7 +334,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_finished_tiles_and_equals_an
 
     reference = segment_slide(slides["ome"], tmp_path / "reference", stain_model(), SlideOptions(**{**FAST, "tile_size": 256}))
     journal = tmp_path / "killed" / "case" / ".journal"
-    child = _child([str(slides["ome"]), str(tmp_path / "killed"), "0.5", "256"])
+    child = _child([str(slides["ome"]), str(tmp_path / "killed"), "0.3", "256"])
     deadline = time.time() + 120
     while time.time() < deadline and len(list(journal.glob("tile_*.npz"))) < 3 and child.poll() is None:
         time.sleep(0.05)
@@ -354,30 +362,26 @@ def test_peak_memory_does_not_grow_with_the_slide(tmp_path):
     assert abs(peaks[1] - peaks[0]) / peaks[0] < 0.15, peaks
 
 
-def test_bundle_segment_config_runs_through_monai_bundle(tmp_path, slides, checkpoint):
+def test_bundle_segment_config_runs_through_monai_bundle(tmp_path, small_cohort, checkpoint):
     from monai.bundle import ConfigParser
 
     from cellgap.slide.bundle_config import segment_config
 
     parser = ConfigParser(segment_config())
-    parser.update({"bundle_root": str(checkpoint), "input": [str(slides["svs"])], "out": str(tmp_path), "device": "cpu",
+    parser.update({"bundle_root": str(checkpoint), "input": str(small_cohort / "slide2.svs"), "out": str(tmp_path), "device": "cpu",
                    "tile_size": 512, "num_workers": 0, "postprocess_workers": 0})
     parser.parse()
     (summaries,) = parser.get_parsed_content("run")
     assert summaries[0]["finished"] and summaries[0]["checkpoint"] == str(checkpoint / "models" / "model.pt")
-    assert (tmp_path / "case" / "cells.geojson").is_file()
+    assert (tmp_path / "slide2" / "cells.geojson").is_file()
 
 
-def test_torchrun_cohort_two_gloo_ranks_do_each_of_four_slides_exactly_once(tmp_path, checkpoint):
+def test_torchrun_cohort_two_gloo_ranks_do_each_of_four_slides_exactly_once(tmp_path, small_cohort, checkpoint):
     import os
     import subprocess
     import sys
 
-    cohort = tmp_path / "cohort"
-    cohort.mkdir()
-    for i in range(4):
-        write_slide(cohort / f"slide{i}.svs", synthetic_slide(512, 512, seed=20 + i, tissue=0.6), 0.25, kind="svs", levels=2,
-                    magnification=40)
+    cohort = small_cohort
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cellgap.cli",
                "segment", str(cohort), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--tile-size", "512",
@@ -388,3 +392,16 @@ def test_torchrun_cohort_two_gloo_ranks_do_each_of_four_slides_exactly_once(tmp_
     assert sorted(s["rank"] for s in summaries) == [0, 0, 1, 1]
     lines = [line for line in result.stdout.splitlines() if ": done," in line]
     assert sorted(line.split(":")[0] for line in lines) == [f"slide{i}" for i in range(4)]  # each exactly once
+
+
+def test_a_full_disk_stops_with_a_message_that_the_same_command_resumes(tmp_path, slides, monkeypatch):
+    import errno
+
+    from cellgap.slide import command
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(command, "segment_slide", full)
+    with pytest.raises(OSError, match="disk of .* is full.*run the same command again"):
+        command.segment_slides([str(slides["svs"])], stain_model(), str(tmp_path), options=SlideOptions(**FAST))

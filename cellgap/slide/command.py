@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .reader import SLIDE_SUFFIXES, is_slide_file
-from .run import LoadedModel, OutputInUseError, SlideOptions, file_sha256, postprocess_pool, segment_slide, slide_name
+from .run import LazyPool, LoadedModel, OutputInUseError, SlideOptions, file_sha256, segment_slide, slide_name
 from .tiling import DEFAULT_TILE
 
 
@@ -105,7 +105,7 @@ def segment_slides(inputs: list[str], model: str | LoadedModel, out: str, encode
     mine = slides[rank::world]
     loaded = model if isinstance(model, LoadedModel) else load(model, encoder_weights, options.device)
     summaries = []
-    pool = postprocess_pool(options.postprocess_workers) if mine else None
+    pool = LazyPool(options.postprocess_workers)
     try:
         for path in mine:
             try:
@@ -118,8 +118,7 @@ def segment_slides(inputs: list[str], model: str | LoadedModel, out: str, encode
             summaries.append(summary)
             print(one_line(summary), flush=True)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        pool.shutdown()
     if world > 1:
         import torch.distributed as dist
 

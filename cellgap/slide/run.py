@@ -181,6 +181,22 @@ class _Timings:
     extra: dict = field(default_factory=dict)
 
 
+class LazyPool:
+    """A post-processing pool started on first use (a cohort of finished slides never starts one); ``None`` for 0."""
+
+    def __init__(self, processes: int | None):
+        self.processes, self._pool = processes, None
+
+    def get(self):
+        if self._pool is None and self.processes != 0:
+            self._pool = postprocess_pool(self.processes)
+        return self._pool
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
 def postprocess_pool(processes: int | None):
     """A pool of post-processing processes (spawned: no inherited torch threads or file handles); None for 0."""
     if processes is None:
@@ -192,7 +208,7 @@ def postprocess_pool(processes: int | None):
 
 
 def segment_slide(path: str | os.PathLike, out_dir: str | os.PathLike, model: LoadedModel, options: SlideOptions,
-                  pool: futures.Executor | None = None, rank: int = 0) -> dict:
+                  pool: futures.Executor | LazyPool | None = None, rank: int = 0) -> dict:
     """Segment one slide into ``out_dir/<slide name>/``; returns its summary (``status`` new / resumed / skipped)."""
     start = time.perf_counter()
     slide = Slide(path, mpp=options.mpp)
@@ -239,6 +255,7 @@ def _run(slide: Slide, resolution: Resolution, folder: Path, identity: dict, mod
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     bar.set_postfix(cells=cells)
     if todo:
+        pool = pool.get() if isinstance(pool, LazyPool) else pool
         cells += _stream(slide, resolution, todo, model, options, setup, pool, timings, bar)
     bar.close()
 

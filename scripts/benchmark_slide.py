@@ -1,0 +1,126 @@
+"""Whole-slide throughput of `cellgap segment` on this machine's CPU (docs/benchmarks.md, "Whole slides").
+
+    python scripts/benchmark_slide.py --side 3072 --tissue 0.6 --json slide_benchmark.json
+
+A synthetic OME-TIFF slide (level 0 at 0.25 µm/px, two levels, tissue inside an ellipse on glass) is segmented
+twice with the default settings: with a model trained at 0.5 µm/px (read from level 1) and at 0.25 µm/px (level 0).
+The network is the demo network (``convnext_atto`` encoder + the demo decoder, random weights: the cost of a
+real forward pass); because a random network finds no cells, the cells handed to post-processing come from
+``StainThresholdNet`` on the same tile, so post-processing and writing see a realistic cell density.
+
+Reported per run: seconds per mm² of tissue, peak RSS (this process and its largest child), the shares of
+read / network / post-processing / writing (read and post-processing summed over their processes), and the
+streaming efficiency: slide throughput over the per-tile bound 1 / (network + post-processing per tile), both
+measured in the same run (≥ 80 % means streaming costs little beyond doing each tile once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cellgap.cli import DEMO_DECODER, DEMO_ENCODER  # noqa: E402
+from cellgap.network import CellGapNet  # noqa: E402
+from cellgap.slide.run import LoadedModel, SlideOptions, postprocess_pool, segment_slide  # noqa: E402
+from cellgap.slide.synthetic import StainThresholdNet, synthetic_slide, write_slide  # noqa: E402
+
+
+class DemoCostNet(torch.nn.Module):
+    """The demo network's forward pass (its cost), with StainThresholdNet's outputs (real cells)."""
+
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.network = CellGapNet(DEMO_ENCODER, num_classes=num_classes, encoder_weights=None, allow_random_encoder=True,
+                                      decoder=DEMO_DECODER).eval()
+        self.cells = StainThresholdNet(num_classes)
+
+    def forward(self, x):
+        self.network(x)
+        return self.cells(x)
+
+
+def cpu_name() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+        return f"{info.get('Model name', platform.processor())}, {info.get('CPU(s)', '?')} CPUs"
+    except OSError:
+        return platform.processor()
+
+
+def run(slide: Path, out: Path, model_mpp: float, options: SlideOptions) -> dict:
+    meta = {"encoder": DEMO_ENCODER, "class_names": ["class1", "class2"], "magnification": round(10 / model_mpp),
+            "mpp": model_mpp, "min_cell_size": 20 if model_mpp >= 0.35 else 80, "encoder_weights_id": "random"}
+    model = LoadedModel(DemoCostNet(), meta, checkpoint="demo (random weights)", checkpoint_sha256="benchmark")
+    pool = postprocess_pool(options.postprocess_workers)
+    try:
+        if pool is not None:  # start the pool's processes before the clock (a cohort pays it once)
+            list(pool.map(abs, range(pool._max_workers)))
+        summary = segment_slide(slide, out, model, options, pool=pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    t = summary["timings"]
+    tiles = t["tiles_run"]
+    parts = {"read": t["read_s"], "network": t["network_s"], "postprocessing": t["postprocess_s"], "writing": t["write_s"]}
+    total = sum(parts.values())
+    per_tile = (t["network_s"] + t["postprocess_s"]) / tiles
+    return {"model_mpp": model_mpp, "level": summary["processing"]["level"], "tiles": tiles, "cells": summary["cells"],
+            "tissue_mm2": summary["tissue_mm2"], "wall_s": t["wall_s"], "s_per_mm2": summary["s_per_mm2"],
+            "shares": {k: round(v / total, 3) for k, v in parts.items()},
+            "network_s_per_tile": round(t["network_s"] / tiles, 3), "postprocess_s_per_tile": round(t["postprocess_s"] / tiles, 3),
+            "streaming_efficiency": round(per_tile * tiles / t["wall_s"], 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_child_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side", type=int, default=3072, help="level-0 side of the synthetic slide (0.25 µm/px)")
+    parser.add_argument("--tissue", type=float, default=0.6, help="fraction of the slide covered by tissue")
+    parser.add_argument("--mpp", type=float, nargs="+", default=[0.5, 0.25], help="model resolutions to run")
+    parser.add_argument("--tile-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--postprocess-workers", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    results = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(),
+               "slide": {"side": args.side, "level0_mpp": 0.25, "tissue": args.tissue}, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        slide = write_slide(Path(tmp) / "bench.ome.tif", synthetic_slide(args.side, args.side, seed=5, tissue=args.tissue),
+                            0.25, kind="ome", levels=2)
+        for mpp in args.mpp:
+            options = SlideOptions(tile_size=args.tile_size, batch_size=args.batch_size, workers=args.workers,
+                                   postprocess_workers=args.postprocess_workers, overwrite=True)
+            results["runs"].append(run(slide, Path(tmp) / f"out_{mpp}", mpp, options))
+            print(json.dumps(results["runs"][-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print("| model µm/px | level | tiles | cells | tissue mm² | s/mm² | read / network / post / write | net s/tile | post s/tile | streaming | peak RSS MiB (child) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        s = r["shares"]
+        print(f"| {r['model_mpp']} | {r['level']} | {r['tiles']} | {r['cells']} | {r['tissue_mm2']:.2f} | {r['s_per_mm2']:.1f} | "
+              f"{s['read']:.0%} / {s['network']:.0%} / {s['postprocessing']:.0%} / {s['writing']:.0%} | {r['network_s_per_tile']} | "
+              f"{r['postprocess_s_per_tile']} | {r['streaming_efficiency']:.0%} | {r['peak_rss_mib']} ({r['peak_child_rss_mib']}) |")
+    print(f"machine: {results['machine']}; {results['date']}")
+
+
+if __name__ == "__main__":
+    main()
