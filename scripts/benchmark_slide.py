@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from cellgap.cli import DEMO_DECODER, DEMO_ENCODER  # noqa: E402
 from cellgap.network import CellGapNet  # noqa: E402
+from cellgap.slide.model import BUNDLE_DEFAULT_DECODER  # noqa: E402
 from cellgap.slide.run import LoadedModel, SlideOptions, postprocess_pool, segment_slide  # noqa: E402
 from cellgap.slide.synthetic import StainThresholdNet, synthetic_slide, write_slide  # noqa: E402
 
@@ -41,12 +42,12 @@ from cellgap.slide.synthetic import StainThresholdNet, synthetic_slide, write_sl
 class DemoCostNet(torch.nn.Module):
     """The demo network's forward pass (its cost), with StainThresholdNet's outputs (real cells)."""
 
-    def __init__(self, num_classes: int = 2):
+    def __init__(self, num_classes: int = 2, encoder: str = DEMO_ENCODER, decoder: dict | None = None):
         super().__init__()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.network = CellGapNet(DEMO_ENCODER, num_classes=num_classes, encoder_weights=None, allow_random_encoder=True,
-                                      decoder=DEMO_DECODER).eval()
+            self.network = CellGapNet(encoder, num_classes=num_classes, encoder_weights=None, allow_random_encoder=True,
+                                      decoder=DEMO_DECODER if decoder is None else decoder).eval()
         self.cells = StainThresholdNet(num_classes)
 
     def forward(self, x):
@@ -63,10 +64,12 @@ def cpu_name() -> str:
         return platform.processor()
 
 
-def run(slide: Path, out: Path, model_mpp: float, options: SlideOptions) -> dict:
-    meta = {"encoder": DEMO_ENCODER, "class_names": ["class1", "class2"], "magnification": round(10 / model_mpp),
+def run(slide: Path, out: Path, model_mpp: float, options: SlideOptions, encoder: str = DEMO_ENCODER,
+        decoder: dict | None = None) -> dict:
+    meta = {"encoder": encoder, "class_names": ["class1", "class2"], "magnification": round(10 / model_mpp),
             "mpp": model_mpp, "min_cell_size": 20 if model_mpp >= 0.35 else 80, "encoder_weights_id": "random"}
-    model = LoadedModel(DemoCostNet(), meta, checkpoint="demo (random weights)", checkpoint_sha256="benchmark")
+    network = DemoCostNet(encoder=encoder, decoder=decoder).to(options.device)
+    model = LoadedModel(network, meta, checkpoint="demo (random weights)", checkpoint_sha256="benchmark")
     pool = postprocess_pool(options.postprocess_workers)
     try:
         if pool is not None:  # start the pool's processes before the clock (a cohort pays it once)
@@ -98,17 +101,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--postprocess-workers", type=int, default=None)
+    parser.add_argument("--encoder", default=DEMO_ENCODER,
+                        help="encoder (random weights: the cost of its forward pass), e.g. uni or convnext_b_22k on a GPU")
+    parser.add_argument("--bundle-decoder", action="store_true", help="the bundles' full-width decoder instead of the demo's")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
-    results = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(),
+    results = {"machine": cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(), "encoder": args.encoder, "date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(),
                "slide": {"side": args.side, "level0_mpp": 0.25, "tissue": args.tissue}, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         slide = write_slide(Path(tmp) / "bench.ome.tif", synthetic_slide(args.side, args.side, seed=5, tissue=args.tissue),
                             0.25, kind="ome", levels=2)
         for mpp in args.mpp:
             options = SlideOptions(tile_size=args.tile_size, batch_size=args.batch_size, workers=args.workers,
-                                   postprocess_workers=args.postprocess_workers, overwrite=True)
-            results["runs"].append(run(slide, Path(tmp) / f"out_{mpp}", mpp, options))
+                                   postprocess_workers=args.postprocess_workers, overwrite=True, device=args.device)
+            decoder = BUNDLE_DEFAULT_DECODER if args.bundle_decoder else None
+            results["runs"].append(run(slide, Path(tmp) / f"out_{mpp}", mpp, options, args.encoder, decoder))
             print(json.dumps(results["runs"][-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -119,7 +127,7 @@ def main() -> None:
         print(f"| {r['model_mpp']} | {r['level']} | {r['tiles']} | {r['cells']} | {r['tissue_mm2']:.2f} | {r['s_per_mm2']:.1f} | "
               f"{s['read']:.0%} / {s['network']:.0%} / {s['postprocessing']:.0%} / {s['writing']:.0%} | {r['network_s_per_tile']} | "
               f"{r['postprocess_s_per_tile']} | {r['streaming_efficiency']:.0%} | {r['peak_rss_mib']} ({r['peak_child_rss_mib']}) |")
-    print(f"machine: {results['machine']}; {results['date']}")
+    print(f"machine: {results['machine']}; encoder {args.encoder}; {results['date']}")
 
 
 if __name__ == "__main__":

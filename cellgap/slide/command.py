@@ -139,6 +139,7 @@ def one_line(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    from ..encoders import EncoderWeightsError
     from .tissue import parse_roi
 
     options = SlideOptions(mpp=args.mpp, roi=parse_roi(args.roi), tile_size=args.tile_size, gzip=args.gzip,
@@ -150,6 +151,6 @@ def run(args: argparse.Namespace) -> list[dict]:
             warnings.filterwarnings("ignore", message=".*pretrained.*")
             return segment_slides(args.inputs, args.model, args.out, encoder_weights=args.encoder_weights,
                                   device=args.device, options=options)
-    except (OutputInUseError, FileNotFoundError, ValueError) as e:
+    except (OutputInUseError, FileNotFoundError, ValueError, EncoderWeightsError) as e:
         print(f"cellgap segment: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

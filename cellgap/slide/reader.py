@@ -98,10 +98,14 @@ class Slide:
                              f"complete (not truncated by a copy) and is one of {', '.join(SLIDE_SUFFIXES)}") from None
 
     def _openslide_can_read(self) -> bool:
-        import openslide
-
         name = self.path.name.lower()
         if name.endswith(PLAIN_SUFFIXES):
+            return False
+        try:
+            import openslide
+        except ImportError:
+            if name.endswith(OPENSLIDE_SUFFIXES):
+                raise SlideError(f"{self.path}: needs OpenSlide; pip install openslide-python openslide-bin") from None
             return False
         try:
             vendor = openslide.OpenSlide.detect_format(str(self.path))

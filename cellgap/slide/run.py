@@ -161,12 +161,18 @@ def _prepare_folder(folder: Path, identity: dict, overwrite: bool) -> str:
 
 def _versions() -> dict:
     import monai
-    import openslide
+    import tifffile
 
     from .. import __version__
 
-    return {"cellgap": __version__, "torch": torch.__version__, "monai": monai.__version__,
-            "openslide": getattr(openslide, "__library_version__", None), "openslide-python": openslide.__version__}
+    versions = {"cellgap": __version__, "torch": torch.__version__, "monai": monai.__version__, "tifffile": tifffile.__version__}
+    try:
+        import openslide
+
+        versions.update({"openslide": getattr(openslide, "__library_version__", None), "openslide-python": openslide.__version__})
+    except ImportError:
+        pass
+    return versions
 
 
 @dataclass
