@@ -261,10 +261,10 @@ class Slide:
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """An RGB thumbnail whose longer side is at most ``max_side``, and its downsample from level 0.
 
-        Read from the smallest level that is still at least as large, then resized; a slide without such a
-        level (one huge level) is read in strips so that no more than a strip is in memory at once.
+        Read from the smallest level that is still at least as large, in strips of about 16 MB, each reduced at
+        once with PIL's box filter (uint8 throughout), so no more than a strip is in memory whatever the slide.
         """
-        from skimage.transform import resize
+        from PIL import Image
 
         width0, height0 = self.dimensions
         scale = max(width0, height0) / max_side
@@ -274,16 +274,17 @@ class Slide:
         candidates = [i for i, lv in enumerate(self.levels) if lv.width >= out_w and lv.height >= out_h]
         level = max(candidates, key=lambda i: self.levels[i].downsample)
         lv = self.levels[level]
-        rows = []
-        strip = max(1, int(2**24 // (lv.width * 3)))  # ~16 MB of source pixels at a time
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        strip = max(1, int(2**24 // (lv.width * 3)))
         done = 0
         for top in range(0, lv.height, strip):
-            part = self.read_region(level, 0, top, lv.width, min(strip, lv.height - top))
-            bottom = int(round((top + part.shape[0]) * out_h / lv.height))
+            rows = min(strip, lv.height - top)
+            bottom = int(round((top + rows) * out_h / lv.height))
             if bottom > done:
-                rows.append((resize(part, (bottom - done, out_w), anti_aliasing=True, preserve_range=True)).astype(np.uint8))
+                part = Image.fromarray(self.read_region(level, 0, top, lv.width, rows))
+                out[done:bottom] = np.asarray(part.resize((out_w, bottom - done), Image.Resampling.BOX))
                 done = bottom
-        return np.concatenate(rows, axis=0), width0 / out_w
+        return out, width0 / out_w
 
     def close(self) -> None:
         if self.backend == "openslide" and self._handle is not None:

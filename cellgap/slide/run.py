@@ -338,7 +338,7 @@ def _finalise(slide: Slide, resolution: Resolution, folder: Path, grid: TileGrid
     class_names = list(model.meta.get("class_names", []))
     writers = SlideWriters(folder, class_names, slide.mpp, thumbnail, thumb_down, gzip_geojson=options.gzip,
                            labels_shape=(grid.height, grid.width) if options.labels else None,
-                           labels_chunk=min(grid.core, 2048))
+                           labels_chunk=min(grid.core, 2048), name=slide_name(slide.path))
     try:
         for tile in selected:
             writers.add(TileCells.load(journal / record_name(tile.index)))

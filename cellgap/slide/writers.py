@@ -2,7 +2,7 @@
 
 * ``cells.geojson`` (or ``cells.geojson.gz``): a FeatureCollection of QuPath detections — Polygon geometry in
   level-0 pixels, ``objectType`` ``detection``, ``classification`` {``name``, ``color``}, ``measurements``
-  {``area_um2``, ``class_prob``}; every polygon valid (shapely), readable by geopandas;
+  {``area_um2``, ``class_prob``}, ``name`` the cell's table id; every polygon valid (shapely), readable by geopandas;
 * ``cells.csv`` and ``cells.parquet``: one row per cell (:data:`CELL_COLUMNS`);
 * ``labels.zarr`` (optional): the instance labels at the processing resolution, chunked;
 * ``overlay.png``: the thumbnail with every cell's outline in its class colour.
@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,12 @@ class SlideWriters:
 
     def __init__(self, folder: str | os.PathLike, class_names: list[str], level0_mpp: float, thumbnail: np.ndarray,
                  thumbnail_downsample: float, gzip_geojson: bool = False,
-                 labels_shape: tuple[int, int] | None = None, labels_chunk: int = 1024):
+                 labels_shape: tuple[int, int] | None = None, labels_chunk: int = 1024, name: str = "slide"):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.folder = Path(folder)
+        self.slide = name
         self.class_names = list(class_names)
         self.level0_mpp = level0_mpp
         self.names = output_names(gzip_geojson)
@@ -98,7 +100,8 @@ class SlideWriters:
             ring = cells.ring(i)
             area_um2 = float(cells.area_um2[i])
             prob = float(cells.class_prob[i])
-            feature = {"type": "Feature", "id": str(cell_id),
+            # QuPath reads a feature's id as a UUID: a deterministic one per slide and cell (resumed runs write the same)
+            feature = {"type": "Feature", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"cellgap:{self.slide}:{cell_id}")),
                        "geometry": {"type": "Polygon", "coordinates": [ring]},
                        "properties": {"objectType": "detection", "name": str(cell_id),
                                       "classification": {"name": name, "color": class_colour(class_id)},
