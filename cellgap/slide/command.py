@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postprocess-workers", type=int, default=None,
                         help="post-processing processes (default: half the CPUs; 0: in the main process)")
     parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE, help="tile side in processing pixels (multiple of 32)")
+    parser.add_argument("--margin", type=int, default=None,
+                        help="tile overlap on each side in processing pixels (multiple of 32; default: the largest expected cell, 30 µm)")
     parser.add_argument("--roi", default=None, help="x,y,w,h in level-0 pixels: segment only this rectangle")
     parser.add_argument("--gzip", action="store_true", help="write cells.geojson.gz")
     parser.add_argument("--labels", action="store_true", help="also write the instance labels as labels.zarr")
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from ..encoders import EncoderWeightsError
     from .tissue import parse_roi
 
-    options = SlideOptions(mpp=args.mpp, roi=parse_roi(args.roi), tile_size=args.tile_size, gzip=args.gzip,
+    options = SlideOptions(mpp=args.mpp, roi=parse_roi(args.roi), tile_size=args.tile_size, margin=args.margin, gzip=args.gzip,
                            labels=args.labels, batch_size=args.batch_size, workers=args.workers,
                            postprocess_workers=args.postprocess_workers, overwrite=args.overwrite,
                            progress=not args.no_progress)
