@@ -305,7 +305,7 @@ def test_missing_resolution_is_a_clear_error_from_the_command(tmp_path, slides, 
 
 # ------------------------------------------------------------------------------------------------ resume, memory
 _CHILD = """
-import sys, time, json, resource
+import sys, time, json
 from cellgap.slide.run import LoadedModel, SlideOptions, segment_slide
 from cellgap.slide.synthetic import StainThresholdNet, stain_threshold_meta
 
@@ -317,7 +317,9 @@ class Slow(StainThresholdNet):
 model = LoadedModel(Slow(), stain_threshold_meta(), checkpoint="stain-threshold", checkpoint_sha256="0")
 options = SlideOptions(tile_size=int(sys.argv[4]), batch_size=1, workers=0, postprocess_workers=0, progress=False)
 summary = segment_slide(sys.argv[1], sys.argv[2], model, options)
-print(json.dumps({"cells": summary["cells"], "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+# VmHWM: this program's own peak (ru_maxrss would include the forking parent's memory from before exec)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"cells": summary["cells"], "peak_rss_kb": int(status["VmHWM"].split()[0])}))
 """
 
 

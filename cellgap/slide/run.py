@@ -256,7 +256,7 @@ def _run(slide: Slide, resolution: Resolution, folder: Path, identity: dict, mod
     timings = _Timings()
     setup = PostProcessing(grid=grid, downsample=d, mpp=resolution.mpp, magnification=10.0 / model.mpp,
                            min_cell_size=model.meta.get("min_cell_size"), journal=str(journal))
-    cells = sum(len(np.load(journal / record_name(i))["x"]) for i in done) if done else 0
+    cells = sum(len(TileCells.load(journal / record_name(i))) for i in done)
     bar = tqdm(total=len(selected), initial=len(done), unit="tile", desc=slide_name(slide.path)[:24],
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     bar.set_postfix(cells=cells)
