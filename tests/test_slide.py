@@ -274,7 +274,7 @@ def test_segment_command_runs_a_checkpoint_on_a_cohort_and_skips_finished_slides
     listing = tmp_path / "cohort.txt"
     listing.write_text(f"{small_cohort / 'slide0.svs'}\n{small_cohort / 'slide1.svs'}\n")
     args = ["segment", f"@{listing}", "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--tile-size", "512",
-            "--workers", "1", "--postprocess-workers", "1", "--no-progress", "--device", "cpu"]
+            "--workers", "1", "--postprocess-workers", "0", "--no-progress", "--device", "cpu"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "slide0" / "summary.json").read_text())
     assert summary["finished"] and summary["encoder"] == "convnext_atto" and summary["class_names"] == ["tumour", "other"]
@@ -409,3 +409,19 @@ def test_a_full_disk_stops_with_a_message_that_the_same_command_resumes(tmp_path
     monkeypatch.setattr(command, "segment_slide", full)
     with pytest.raises(OSError, match="disk of .* is full.*run the same command again"):
         command.segment_slides([str(slides["svs"])], stain_model(), str(tmp_path), options=SlideOptions(**FAST))
+
+
+@pytest.mark.heavy
+def test_post_processing_pool_gives_the_same_outputs_as_inline(tmp_path, slides):
+    from cellgap.slide.run import LazyPool
+
+    inline = segment_slide(slides["svs"], tmp_path / "inline", stain_model(), SlideOptions(**FAST))
+    pool = LazyPool(1)
+    try:
+        pooled = segment_slide(slides["svs"], tmp_path / "pool", stain_model(),
+                               SlideOptions(**{**FAST, "workers": 1, "postprocess_workers": 1}), pool=pool)
+    finally:
+        pool.shutdown()
+    assert pooled["cells"] == inline["cells"] > 0
+    for name in ("cells.geojson", "cells.csv"):
+        assert (tmp_path / "pool" / "case" / name).read_bytes() == (tmp_path / "inline" / "case" / name).read_bytes()
