@@ -13,7 +13,9 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import atomic_write_text
+from .data.registry import DATASETS
 from .encoders import ENCODERS, EncoderSpec, get_encoder_spec
+from .slide.bundle_config import segment_config
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 BUNDLE_PREFIX = "cisca_"
@@ -30,22 +32,23 @@ def bundle_name(spec: EncoderSpec | str) -> str:
 # --------------------------------------------------------------------------------------------------
 # configs/train.json
 # --------------------------------------------------------------------------------------------------
+# The logic of the configs lives in cellgap.workflow (named builders); the configs hold options, references
+# and _target_ entries.  W: the builders' module path, spelled once here.
+W = "cellgap.workflow."
+
+
 def _common(spec: EncoderSpec) -> dict:
     """Fields shared by train.json and inference.json: paths, device, encoder, decoder."""
     return {
-        # MONAI binds `import a.b` as the name "a.b": import the package, then the submodules it must hold.
-        "imports": ["$import os", "$import torch", "$import ignite", "$import monai", "$import cellgap",
-                    "$import cellgap.cache", "$import cellgap.data.augmentation", "$import cellgap.data.device_augmentation",
-                    "$import cellgap.data.sampling", "$import cellgap.data.selection", "$import cellgap.training"],
         "bundle_root": ".",
-        "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
-        "ckpt_path": "$os.path.join(@ckpt_dir, 'model.pt')",
-        "output_dir": "$os.path.join(@bundle_root, 'runs')",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "amp": "$torch.cuda.is_available()",
+        "ckpt_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "models"},
+        "ckpt_path": {"_target_": W + "path_in", "folder": "@ckpt_dir", "name": "model.pt"},
+        "output_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "runs"},
+        "device": {"_target_": W + "default_device"},
+        "amp": {"_target_": "torch.cuda.is_available"},
         "encoder": spec.key,
         "_desc_encoder_weights": "'hub' (timm / Hugging Face; set HF_TOKEN for gated models), or a local folder "
-                                 "(config.json + model.safetensors) or weights file",
+                                 "(config.json + model.safetensors) or weights file; 'none' with allow_random_encoder",
         "encoder_weights": "hub",
         "allow_random_encoder": False,
         "reduced_encoder": False,
@@ -54,50 +57,85 @@ def _common(spec: EncoderSpec) -> dict:
         "decoder": {"widths": [64, 64, 64, 128, 256, 512], "head_features": 256, "head_width": 32, "norm": None},
         "tile_size": 256,
         "sw_batch_size": 8,
+        "amp_kwargs": {"dtype": "$torch.bfloat16"},
     }
 
 
 def _network_def() -> dict:
-    return {
-        "_target_": "cellgap.network.CellGapNet",
-        "encoder": "@encoder",
-        "num_classes": "@num_classes",
-        "encoder_weights": "$None if @allow_random_encoder and @encoder_weights in (None, 'none', 'random') else @encoder_weights",
-        "allow_random_encoder": "@allow_random_encoder",
-        "reduced_encoder": "@reduced_encoder",
-        "num_contour_classes": "@num_contour_classes",
-        "num_distance_maps": "@num_distance_maps",
-        "decoder": "@decoder",
-    }
+    return {"_target_": "cellgap.network.CellGapNet", "encoder": "@encoder", "num_classes": "@num_classes",
+            "encoder_weights": "@encoder_weights", "allow_random_encoder": "@allow_random_encoder",
+            "reduced_encoder": "@reduced_encoder", "num_contour_classes": "@num_contour_classes",
+            "num_distance_maps": "@num_distance_maps", "decoder": "@decoder"}
 
 
-def _postprocessing(extra: list | None = None) -> dict:
-    return {"_target_": "Compose", "transforms": [
-        {"_target_": "cellgap.postprocessing.CISCAPostProcessingd", "magnification": "@magnification",
-         "min_cell_size": "@min_cell_size", "num_classes": "@num_classes", "pred_key": "pred"},
-        *(extra or []),
-    ]}
+def _sliding_window(**extra) -> dict:
+    return {"_target_": "SlidingWindowInferer", "roi_size": ["@tile_size", "@tile_size"], "sw_batch_size": "@sw_batch_size",
+            "overlap": 0.25, "mode": "gaussian", "padding_mode": "reflect", **extra}
+
+
+def _evaluator(**parts) -> dict:
+    return {"_target_": "SupervisedEvaluator", "device": "@device", **parts, "network": "@network",
+            "prepare_batch": "@prepare_batch", "amp": "@amp", "amp_kwargs": "@amp_kwargs"}
+
+
+# how the training and validation items are chosen (train.json's train_val, evaluate.json's data list)
+_SPLIT_OPTIONS = {"data": "@data", "train_split": "@train_split", "val_split": "@val_split", "validation": "@validation",
+                  "val_fraction": "@val_fraction", "seed": "@seed", "holdout_dir": "@holdout_dir",
+                  "tile_size": "@tile_size", "crop_size": "@train_crop_size"}
+
+
+def _checkpoint_meta(**extra) -> dict:
+    return {"_target_": "cellgap.checkpoint.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
+            "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps",
+            "decoder_config": "@decoder", "reduced_encoder": "@reduced_encoder", "encoder_weights": "@encoder_weights", **extra}
+
+
+def _checkpoint_loader(**extra) -> dict:
+    """Loads a decoder checkpoint (meta first: a checkpoint of another encoder, weights or class set is refused)."""
+    return {"_target_": "cellgap.checkpoint.CheckpointLoader", "map_location": "@device",
+            "load_dict": {"_target_": "cellgap.checkpoint.checkpoint_objects", "meta": "@checkpoint_meta",
+                          "network": "@network_def"},
+            "load_path": {"_target_": "cellgap.checkpoint.existing_checkpoint", "path": "@ckpt_path"}, **extra}
+
+
+# evaluation and inference rebuild the network as the checkpoint says (its decoder, its encoder's weights)
+_TRAINED_NETWORK = {"trained": {"_target_": W + "TrainedFor", "path": "@ckpt_path"},
+                    "decoder": "$@trained.decoder", "reduced_encoder": "$@trained.reduced_encoder",
+                    "encoder_weights": "$@trained.encoder_weights", "allow_random_encoder": "$@trained.random_encoder"}
 
 
 def train_config(spec: EncoderSpec) -> dict:
     cfg = _common(spec)
     cfg.update({
-        "_desc_dataset": "synthetic | pannuke | conic | cytodark0 | folder; dataset_dir holds it prepared "
+        "_desc_dataset": " | ".join(DATASETS) + "; dataset_dir holds it prepared "
                          "(scripts/prepare_data.py); synthetic is generated there on first use",
         "dataset": "synthetic",
-        "dataset_dir": "$os.path.join(@bundle_root, 'data', @dataset)",
+        "dataset_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "data", "subfolder": "@dataset"},
         "protocol": None,
         "synthetic": {"n_train": 160, "n_val": 24, "n_test": 24, "seed": 0, "magnification": 40},
-        "data": "$cellgap.data.selection.select_dataset(@dataset, @dataset_dir, @protocol, synthetic=@synthetic)",
-        "dataset_info": "$@data.info",
-        "class_names": "$list(@dataset_info.class_names)",
-        "num_classes": "$len(@class_names)",
-        "magnification": "$@dataset_info.magnification",
-        "min_cell_size": "$@dataset_info.cell_size",
+        "data": {"_target_": "cellgap.data.selection.select_dataset", "name": "@dataset", "dataset_dir": "@dataset_dir",
+                 "protocol": "@protocol", "synthetic": "@synthetic"},
+        # the dataset's facts; each can be overridden
+        "dataset_name": "$@data.info.name",
+        "class_names": "$@data.class_names",
+        "num_classes": "$@data.num_classes",
+        "magnification": "$@data.magnification",
+        "min_cell_size": "$@data.min_cell_size",
+        "stain_stats": "$@data.stain_stats",
+        "_desc_min_cell_size_candidates": "a list of sizes: validation post-processes once per size and scores each "
+                                          "(the study's choice of the minimum cell size)",
+        "min_cell_size_candidates": None,
         "_desc_train_crop_size": "side of the random training crops (tiles larger than it are cropped)",
         "train_crop_size": "@tile_size",
         "train_split": "train",
         "val_split": "val",
+        "_desc_validation": "false: train without validation or model selection and keep the last checkpoint",
+        "validation": True,
+        "_desc_val_fraction": "without a val split: the seeded share of the training images held out for validation "
+                              "(cellgap.data.splits.holdout_validation; fewer than 4 images give tiles cut from each)",
+        "val_fraction": 0.1,
+        "holdout_dir": {"_target_": W + "path_in", "folder": "@output_dir", "name": "holdout"},
+        "train_val": {"_target_": W + "train_and_validation", **_SPLIT_OPTIONS},
         "epochs": 300,
         "epoch_length": None,
         "batch_size": 4,
@@ -108,8 +146,9 @@ def train_config(spec: EncoderSpec) -> dict:
         "lr_patience": 10,
         "early_stop_patience": 20,
         "val_interval": 1,
-        "_desc_key_metric": "scalar that selects the checkpoint and stops early: pq, bpq, mpq, mpq+, f1d, aji, aji+, dice",
-        "key_metric": "$'mpq+' if @num_classes > 1 else 'pq'",
+        "_desc_key_metric": "scalar that selects the checkpoint and stops early: pq, bpq, mpq, mpq+, f1d, aji, aji+, dice "
+                            "(default: mpq+ for multi-class data, else pq)",
+        "key_metric": {"_target_": W + "default_key_metric", "num_classes": "@num_classes"},
         "grad_clip_norm": 0.001,
         "grad_clip_mode": "global",
         "loss_weights": None,
@@ -120,32 +159,27 @@ def train_config(spec: EncoderSpec) -> dict:
                                        "whose CPU time per tile falls by 40–50 %; cache_mode 'off' only. Leave it off on a "
                                        "CPU: there the batch step costs more than the workers' per-sample steps",
         "photometric_on_device": False,
-        "batch_photometric": "$cellgap.data.device_augmentation.BatchPhotometricAugmentation(stain_stats=@stain_stats, "
-                             "prob_scale=@augment_prob_scale, seed=@seed) if @photometric_on_device else None",
         "_desc_targets_on_device": "GPU training: the loader workers send the relabelled instance map instead of the distance "
                                    "maps and weight mask, which cellgap.targets.DenseTargets computes on the training batch "
                                    "on the GPU (same values; ≈1 ms less of a worker's CPU and 40 % fewer bytes per tile). "
                                    "Leave it off on a CPU: there the batch step costs more than the workers' numpy",
         "targets_on_device": False,
-        "batch_dense_targets": "$cellgap.targets.DenseTargets() if @targets_on_device else None",
-        "stain_stats": "$@dataset if @dataset in ('pannuke', 'conic', 'cytodark0') else 'he'",
         "balanced_sampling": False,
         "_desc_cache_mode": "embedding cache of the frozen encoder's maps: off (features on the fly, random augmentation), "
                             "clean (no augmentation), views (cache_views fixed augmented views per tile); see docs/cache.md",
         "cache_mode": "off",
         "cache_views": 4,
         "cache_dtype": "float16",
-        "cache_dir": "$os.path.join(@bundle_root, 'cache')",
-        "view_spec": {"_target_": "cellgap.cache.ViewSpec", "mode": "@cache_mode",
-                      "num_views": "$1 if @cache_mode == 'clean' else @cache_views", "seed": "@seed",
-                      "augmentation": {"stain_stats": "@stain_stats", "crop_size": "@train_crop_size",
-                                       "prob_scale": "$0.0 if @cache_mode == 'clean' else @augment_prob_scale"}},
-        "embedding_cache": "$None if @cache_mode == 'off' else cellgap.cache.EmbeddingCache.for_encoder(@cache_dir, "
-                           "@network_def, @encoder_weights, @train#datalist, @view_spec, dataset_id=@dataset_info.name, "
-                           "dtype=@cache_dtype)",
+        "cache_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "cache"},
         "seed": 0,
-        "is_not_rank0": "$torch.distributed.is_available() and torch.distributed.is_initialized() "
-                        "and torch.distributed.get_rank() > 0",
+        "view_spec": {"_target_": W + "view_spec", "cache_mode": "@cache_mode", "cache_views": "@cache_views",
+                      "seed": "@seed", "stain_stats": "@stain_stats", "crop_size": "@train_crop_size",
+                      "prob_scale": "@augment_prob_scale"},
+        "embedding_cache": {"_target_": W + "embedding_cache", "cache_mode": "@cache_mode", "cache_dir": "@cache_dir",
+                            "network": "@network_def", "encoder_weights": "@encoder_weights",
+                            "datalist": "@train#datalist", "view_spec": "@view_spec", "dataset_id": "@dataset_name",
+                            "dtype": "@cache_dtype"},
+        "is_not_rank0": {"_target_": W + "is_not_rank0"},
         "network_def": _network_def(),
         "network": "$@network_def.to(@device)",
         "_desc_network_pred": "the contour logits alone, for single-tensor tools: monai.bundle verify_net_in_out network_pred",
@@ -156,119 +190,94 @@ def train_config(spec: EncoderSpec) -> dict:
                       "lr": "@learning_rate", "amsgrad": True, "eps": 1e-07},
         "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "optimizer": "@optimizer", "mode": "max",
                          "factor": 0.5, "patience": "@lr_patience"},
-        "checkpoint_meta": {"_target_": "cellgap.training.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
-                            "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps",
-                            "extra": {"dataset": "$@dataset_info.name", "magnification": "@magnification",
-                                      "mpp": "$@dataset_info.mpp", "min_cell_size": "@min_cell_size",
-                                      "key_metric": "@key_metric", "cellgap_version": __version__}},
+        "checkpoint_meta": _checkpoint_meta(extra={
+            "dataset": "@dataset_name", "magnification": "@magnification", "mpp": "$@data.mpp",
+            "min_cell_size": "@min_cell_size", "key_metric": "@key_metric", "cellgap_version": __version__}),
+        "_desc_resume": "continue from ckpt_dir's last.pt when there is one (a killed run restarted with the same command)",
+        "resume": True,
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
-        "train_prepare_batch": "$cellgap.training.PrepareCISCABatch(photometric=@batch_photometric, dense_targets=@batch_dense_targets) "
-                               "if @cache_mode == 'off' else cellgap.cache.PrepareCachedCISCABatch(encoder=@network_def.encoder, "
-                               "cache=@embedding_cache, dense_targets=@batch_dense_targets)",
+        "train_prepare_batch": {"_target_": W + "train_prepare_batch", "cache_mode": "@cache_mode", "network": "@network_def",
+                                "cache": "@embedding_cache", "photometric_on_device": "@photometric_on_device",
+                                "targets_on_device": "@targets_on_device", "stain_stats": "@stain_stats",
+                                "prob_scale": "@augment_prob_scale", "seed": "@seed"},
         "train": {
-            "datalist": "$@data.datalist(@train_split)",
-            "preprocessing": {"_target_": "Compose", "transforms": [
-                {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes",
-                 "keys": ["image", "label", "classes", "contour_levels"]},
-                {"_target_": "cellgap.targets.ContourLevelsd", "magnification": "@magnification"},
-                "$@view_spec.augmentation_transform(photometric=not @photometric_on_device)",
-                {"_target_": "cellgap.targets.CISCATargetsd", "magnification": "@magnification",
-                 "num_contour_classes": "@num_contour_classes", "num_classes": "@num_classes",
-                 "dense_targets": "$not @targets_on_device"},
-                # an 8-bit image (as the reference's augmentations keep it): half the bytes of float16 through the
-                # workers' shared memory; PrepareCISCABatch scales it to 0..1 on the device
-                {"_target_": "cellgap.data.augmentation.ClipIntensityd", "keys": "image", "low": 0.0, "high": 255.0,
-                 "dtype": "uint8"},
-                "$cellgap.cache.CachedFeaturesd(@embedding_cache) if @embedding_cache is not None else monai.transforms.Identityd('image')",
-                {"_target_": "SelectItemsd", "keys": "$['image', 'contour_target', 'type_target'] + (['label'] if "
-                                                     "@targets_on_device else ['distance_target', 'weight_mask']) + "
-                                                     "(list(cellgap.cache.CACHE_KEYS) if @embedding_cache is not None else [])"},
-                # half the bytes of float32; PrepareCISCABatch restores float32 on the device
-                {"_target_": "CastToTyped", "keys": "$list(cellgap.training.HALF_PRECISION_KEYS)", "dtype": "$torch.float16",
-                 "allow_missing_keys": "@targets_on_device"},
-            ]},
+            "datalist": "$@train_val[0]",
+            "preprocessing": {"_target_": W + "train_preprocessing", "num_classes": "@num_classes",
+                              "magnification": "@magnification", "num_contour_classes": "@num_contour_classes",
+                              "view_spec": "@view_spec", "photometric_on_device": "@photometric_on_device",
+                              "targets_on_device": "@targets_on_device", "cache": "@embedding_cache"},
             "dataset": {"_target_": "CacheDataset", "data": "@train#datalist", "transform": "@train#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
-            "sampler": "$cellgap.data.sampling.ClassBalancedSampler(cellgap.data.sampling.dataset_class_counts("
-                       "@train#datalist, @num_classes), seed=@seed, **cellgap.data.sampling.OVERSAMPLING_PRESETS.get("
-                       "@dataset, {})) if @balanced_sampling else None",
-            "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
-                           "shuffle": "$@train#sampler is None", "sampler": "@train#sampler",
-                           "num_workers": "@num_workers", "drop_last": True, "pin_memory": "$@device.type == 'cuda'"},
+            # epoch_length full batches per epoch from any number of tiles (with replacement when too few)
+            "sampler": {"_target_": "cellgap.data.sampling.training_sampler", "datalist": "@train#datalist",
+                        "batch_size": "@batch_size", "epoch_length": "@epoch_length", "num_classes": "@num_classes",
+                        "balanced": "@balanced_sampling", "preset": "@dataset", "seed": "@seed"},
+            "dataloader": {"_target_": W + "data_loader", "dataset": "@train#dataset", "batch_size": "@batch_size",
+                           "device": "@device", "num_workers": "@num_workers", "sampler": "@train#sampler", "train": True},
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": [
                 {"_target_": "cellgap.training.DataWait"},  # first: its epoch time ends before validation
+                {"_target_": "cellgap.data.trainable.EpochStepsCheck"},  # an epoch of zero steps is an error
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-                 "interval": "@val_interval"},
+                 "interval": "@val_interval", "_disabled_": "$not @validation"},
+                # after the ValidationHandler: the epoch's score is known when it saves; resumes on start; writes and
+                # locks on the first rank only (model.pt: the best, or the latest without validation; last.pt: resume)
+                {"_target_": "cellgap.checkpoint.TrainingCheckpoints", "save_dir": "@ckpt_dir", "meta": "@checkpoint_meta",
+                 "network": "@network_def", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
+                 "validator": "@validate#evaluator", "validation": "@validation", "key_metric_name": "val_key_metric",
+                 "early_stop": "@validate#early_stop", "random_sources": "@train#dataset", "resume": "@resume",
+                 "lock": "@output_dir"},
                 {"_target_": "cellgap.training.GradientClipping", "parameters": "$@network_def.decoder.parameters()",
                  "max_norm": "@grad_clip_norm", "mode": "@grad_clip_mode"},
-                {"_target_": "StatsHandler", "tag_name": "train_loss", "iteration_log": False,
-                 "output_transform": "$lambda output: output['loss']", "_disabled_": "@is_not_rank0"},
-                {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss",
-                 "output_transform": "$lambda output: output['loss']", "_disabled_": "@is_not_rank0"},
-                {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False,
-                 "epoch_event_writer": "$lambda engine, writer: writer.add_scalar('learning_rate', "
-                                       "@optimizer.param_groups[0]['lr'], engine.state.epoch)",
+                {"_target_": W + "TrainingLogs", "log_dir": "@output_dir", "optimizer": "@optimizer",
                  "_disabled_": "@is_not_rank0"},
-                {"_target_": "ignite.handlers.ProgressBar", "persist": True, "_disabled_": "@is_not_rank0"},
             ],
             "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@epochs", "epoch_length": "@epoch_length",
                         "device": "@device", "train_data_loader": "@train#dataloader", "network": "@network",
                         "loss_function": "@loss", "optimizer": "@optimizer", "prepare_batch": "@train_prepare_batch",
                         "inferer": "@train#inferer", "train_handlers": "@train#handlers", "amp": "@amp",
-                        "amp_kwargs": {"dtype": "$torch.bfloat16"}, "decollate": False},
+                        "amp_kwargs": "@amp_kwargs", "decollate": False},
         },
         "validate": {
-            "datalist": "$@data.datalist(@val_split)",
-            "preprocessing": {"_target_": "Compose", "transforms": [
-                {"_target_": "cellgap.data.loading.LoadTiled", "num_classes": "@num_classes"},
-                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
-                 "b_max": 1.0, "clip": True},
-            ]},
+            "datalist": "$@train_val[1]",
+            "preprocessing": {"_target_": W + "eval_preprocessing", "num_classes": "@num_classes"},
             "dataset": {"_target_": "CacheDataset", "data": "@validate#datalist", "transform": "@validate#preprocessing",
                         "cache_rate": "@cache_rate", "num_workers": "@num_workers"},
-            "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@validate#dataset", "batch_size": "@val_batch_size",
-                           "shuffle": False, "num_workers": "@num_workers", "pin_memory": "$@device.type == 'cuda'"},
-            "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ["@tile_size", "@tile_size"],
-                        "sw_batch_size": "@sw_batch_size", "overlap": 0.25, "mode": "gaussian", "padding_mode": "reflect"},
-            "postprocessing": _postprocessing([
-                {"_target_": "CopyItemsd", "keys": ["label", "classes"], "names": ["gt_instances", "gt_types"]},
-            ]),
-            "metric_protocol": "$@data.metric_protocol(@val_split)",
-            "key_metric": {"val_key_metric": {
-                "_target_": "cellgap.metrics.handlers.CellMetrics", "class_names": "@class_names",
-                "key_metric": "@key_metric", "protocol": "@validate#metric_protocol", "prefix": "val_"}},
+            "dataloader": {"_target_": W + "data_loader", "dataset": "@validate#dataset", "batch_size": "@val_batch_size",
+                           "device": "@device", "num_workers": "@num_workers"},
+            "inferer": _sliding_window(),
+            "postprocessing": {"_target_": W + "validation_postprocessing", "magnification": "@magnification",
+                               "min_cell_size": "@min_cell_size", "num_classes": "@num_classes",
+                               "min_cell_size_candidates": "@min_cell_size_candidates"},
+            "key_metric": {"_target_": W + "cell_metrics", "class_names": "@class_names", "key_metric": "@key_metric",
+                           "data": "@data", "split": "@val_split", "prefix": "val_",
+                           "min_cell_size_candidates": "@min_cell_size_candidates"},
+            "early_stop": {"_target_": "EarlyStopHandler", "trainer": None, "patience": "@early_stop_patience",
+                           "score_function": {"_target_": "monai.handlers.stopping_fn_from_metric",
+                                              "metric_name": "val_key_metric"}},
             "handlers": [
-                {"_target_": "EarlyStopHandler", "trainer": None, "patience": "@early_stop_patience",
-                 "score_function": "$monai.handlers.stopping_fn_from_metric('val_key_metric')"},
+                "@validate#early_stop",
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False,
-                 "step_transform": "$lambda engine: engine.state.metrics['val_key_metric']"},
-                {"_target_": "StatsHandler", "iteration_log": False, "_disabled_": "@is_not_rank0"},
-                {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False,
+                 "step_transform": {"_target_": "monai.handlers.stopping_fn_from_metric", "metric_name": "val_key_metric"}},
+                {"_target_": W + "ValidationLogs", "log_dir": "@output_dir", "key_metric": "@key_metric", "max_images": 4,
                  "_disabled_": "@is_not_rank0"},
-                {"_target_": "cellgap.visualization.OverlayHandler", "log_dir": "@output_dir", "max_images": 4,
-                 "_disabled_": "@is_not_rank0"},
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
-                 "save_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"},
-                 "save_key_metric": True, "key_metric_filename": "model.pt", "_disabled_": "@is_not_rank0"},
             ],
-            "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-                          "network": "@network", "prepare_batch": "@prepare_batch", "inferer": "@validate#inferer",
-                          "postprocessing": "@validate#postprocessing", "key_val_metric": "@validate#key_metric",
-                          "val_handlers": "@validate#handlers", "amp": "@amp", "amp_kwargs": {"dtype": "$torch.bfloat16"}},
+            "evaluator": _evaluator(val_data_loader="@validate#dataloader", inferer="@validate#inferer",
+                                    postprocessing="@validate#postprocessing", key_val_metric="@validate#key_metric",
+                                    val_handlers="@validate#handlers"),
         },
-        # MetaTensor tracking costs ~50% of the augmentation time and training needs no metadata.
-        "initialize": ["$monai.utils.set_determinism(seed=@seed)", "$monai.data.set_track_meta(False)",
-                       "$@embedding_cache is None or cellgap.cache.fill_cache(@network.encoder if hasattr(@network, 'encoder') "
-                       "else @network.module.encoder, @train#datalist, @embedding_cache, "
-                       "transform=cellgap.cache.default_fill_transform(@view_spec, @num_classes))"],
-        "run": [
-            "$@validate#handlers#0.set_trainer(trainer=@train#trainer)",
-            "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, ignite.handlers.TerminateOnNan())",
-            "$@train#trainer.run()",
-        ],
+        "initialize": _initialize(),
+        "run": [{"_target_": W + "run_training", "early_stop": "@validate#early_stop", "trainer": "@train#trainer"}],
     })
     return cfg
+
+
+def _initialize() -> list:
+    # MetaTensor tracking costs ~50% of the augmentation time and training needs no metadata.
+    return [{"_target_": "monai.utils.set_determinism", "seed": "@seed"},
+            {"_target_": "monai.data.set_track_meta", "val": False},
+            {"_target_": W + "fill_embedding_cache", "cache": "@embedding_cache", "network": "@network",
+             "datalist": "@train#datalist", "view_spec": "@view_spec", "num_classes": "@num_classes"}]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,15 +285,19 @@ def train_config(spec: EncoderSpec) -> dict:
 # --------------------------------------------------------------------------------------------------
 def evaluate_config() -> dict:
     return {
+        "imports": ["$import os"],
         "eval_split": "test",
         "eval_dir": "$os.path.join(@output_dir, 'eval_' + @eval_split)",
         "bootstrap": 1000,
-        "validate#datalist": "$@data.datalist(@eval_split)",
-        "validate#metric_protocol": "$@data.metric_protocol(@eval_split)",
-        "validate#key_metric#val_key_metric#prefix": "",
+        # the split, or for the val split the share of the training images held out for it when the dataset has none
+        "validate#datalist": {"_target_": W + "evaluation_datalist", "split": "@eval_split", **_SPLIT_OPTIONS},
+        "validate#key_metric#split": "@eval_split",
+        "validate#key_metric#prefix": "",
+        **_TRAINED_NETWORK,
+        "validate#checkpoint_loader": _checkpoint_loader(),
         "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$cellgap.training.existing_checkpoint(@ckpt_path)",
-             "load_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"}, "map_location": "@device"},
+            "@validate#checkpoint_loader",
+            {"_target_": "cellgap.locking.OutputLock", "folder": "@eval_dir", "what": "evaluation"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "cellgap.metrics.handlers.MetricsReportSaver", "output_dir": "@eval_dir",
              "bootstrap": "@bootstrap", "extra": {"encoder": "@encoder", "checkpoint": "@ckpt_path",
@@ -300,47 +313,44 @@ def evaluate_config() -> dict:
 # --------------------------------------------------------------------------------------------------
 def inference_config(spec: EncoderSpec) -> dict:
     cfg = _common(spec)
-    cfg["imports"] = cfg["imports"] + ["$import glob"]
     cfg.update({
         "_desc_input_dir": "folder of RGB tiles (.png, .tif, .tiff, .jpg) of any size",
-        "input_dir": "$os.path.join(@bundle_root, 'data', 'inference')",
-        "output_dir": "$os.path.join(@bundle_root, 'runs', 'inference')",
-        "checkpoint": "$cellgap.training.read_checkpoint(@ckpt_path)",
-        "class_names": "$@checkpoint['meta']['class_names']",
-        "num_classes": "$len(@class_names)",
-        "magnification": "$@checkpoint['meta']['magnification']",
-        "mpp": "$@checkpoint['meta'].get('mpp')",
-        "min_cell_size": "$@checkpoint['meta']['min_cell_size']",
+        "input_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "data", "subfolder": "inference"},
+        "output_dir": {"_target_": W + "path_in", "folder": "@bundle_root", "name": "runs", "subfolder": "inference"},
+        **_TRAINED_NETWORK,
+        "num_contour_classes": "$@trained.num_contour_classes",
+        "num_distance_maps": "$@trained.num_distance_maps",
+        "class_names": "$@trained.class_names",
+        "num_classes": "$@trained.num_classes",
+        "magnification": "$@trained.magnification",
+        "mpp": "$@trained.mpp",
+        "min_cell_size": "$@trained.min_cell_size",
         "write_geojson": True,
-        "datalist": "$[{'image': f} for f in cellgap.training.image_files(@input_dir)]",
+        "datalist": {"_target_": W + "image_datalist", "folder": "@input_dir"},
         "network_def": _network_def(),
         "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "cellgap.data.loading.LoadTiled", "keys": ["image"]},
-            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0, "b_max": 1.0,
-             "clip": True},
-        ]},
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 2},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ["@tile_size", "@tile_size"],
-                    "sw_batch_size": "@sw_batch_size", "overlap": 0.25, "mode": "gaussian", "padding_mode": "reflect",
-                    "progress": True},
-        "postprocessing": _postprocessing([
+        "preprocessing": {"_target_": W + "eval_preprocessing", "keys": ["image"]},
+        # a file that cannot be loaded, run or written is named and skipped; the run ends non-zero (cellgap.inference)
+        "dataset": {"_target_": "cellgap.inference.TolerantDataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "cellgap.data.dataloader.ForkSafeDataLoader", "dataset": "@dataset", "batch_size": 1,
+                       "shuffle": False, "num_workers": 2},
+        "inferer": _sliding_window(progress=True, _target_="cellgap.inference.TilePaddingInferer"),
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "cellgap.postprocessing.CISCAPostProcessingd", "magnification": "@magnification",
+             "min_cell_size": "@min_cell_size", "num_classes": "@num_classes", "pred_key": "pred"},
             {"_target_": "cellgap.export.SaveCellOutputsd", "output_dir": "@output_dir", "class_names": "@class_names",
              "mpp": "@mpp", "geojson": "@write_geojson"},
-        ]),
+        ]},
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "map_location": "@device",
-             "load_dict": {"meta": "@checkpoint_meta", "decoder": "$@network_def.decoder"}},
+            _checkpoint_loader(),
+            {"_target_": "cellgap.locking.OutputLock", "folder": "@output_dir", "what": "inference"},
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
-        "checkpoint_meta": {"_target_": "cellgap.training.CheckpointMeta", "encoder": "@encoder", "class_names": "@class_names",
-                            "num_contour_classes": "@num_contour_classes", "num_distance_maps": "@num_distance_maps"},
+        "checkpoint_meta": _checkpoint_meta(),
         "prepare_batch": {"_target_": "cellgap.training.PrepareCISCABatch"},
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "prepare_batch": "@prepare_batch", "inferer": "@inferer",
-                      "postprocessing": "@postprocessing", "val_handlers": "@handlers", "amp": "@amp",
-                      "amp_kwargs": {"dtype": "$torch.bfloat16"}},
+        "evaluator": _evaluator(val_data_loader="@dataloader", inferer="@inferer", postprocessing="@postprocessing",
+                                val_handlers="@handlers", _target_="cellgap.inference.IsolatingEvaluator",
+                                summary_file={"_target_": W + "path_in", "folder": "@output_dir", "name": "summary.json"}),
         "initialize": [],
         "run": ["$@evaluator.run()"],
     })
@@ -356,39 +366,18 @@ def multi_gpu_config() -> dict:
     return {
         "_desc_": "torchrun --standalone --nproc_per_node=N -m monai.bundle run --config_file "
                   "\"['configs/train.json','configs/multi_gpu_train.json']\"; NCCL on GPUs, gloo on CPU",
-        "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
-        "device": "$torch.device(f\"cuda:{os.environ['LOCAL_RANK']}\") if torch.cuda.is_available() else torch.device('cpu')",
-        "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device).prepare_layout(@device)",
-                    "device_ids": "$[@device] if torch.cuda.is_available() else None"},
+        "backend": {"_target_": W + "distributed_backend"},
+        "device": {"_target_": W + "distributed_device"},
+        "network": {"_target_": W + "distributed_network", "network": "@network_def", "device": "@device"},
         "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
                           "shuffle": True},
-        "train#dataloader#shuffle": False,
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False,
                              "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",
-        "initialize": [
-            "$import torch.distributed as dist",
-            "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
-            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            "$monai.utils.set_determinism(seed=@seed)",
-            "$monai.data.set_track_meta(False)",
-            "$@embedding_cache is None or cellgap.cache.fill_cache(@network.module.encoder, @train#datalist, "
-            "@embedding_cache, transform=cellgap.cache.default_fill_transform(@view_spec, @num_classes))",
-        ],
-        "run": [
-            "$@validate#handlers#0.set_trainer(trainer=@train#trainer)",
-            "$@train#sampler.set_epoch(0)",
-            "$@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_STARTED, "
-            "lambda engine: @train#sampler.set_epoch(engine.state.epoch))",
-            "$@train#trainer.run()",
-            # one string, one write: the ranks share stdout, and print's separate pieces interleave
-            "$print('rank %d trained %d iterations' % (torch.distributed.get_rank(), @train#trainer.state.iteration), "
-            "flush=True)",
-        ],
-        # every rank leaves its last collective before any tears the group down (one rank of the two-process
-        # gloo test aborted at teardown once in ≈15 runs without it)
-        "finalize": ["$torch.distributed.is_initialized() and torch.distributed.barrier()",
-                     "$torch.distributed.is_initialized() and torch.distributed.destroy_process_group()"],
+        "initialize": [{"_target_": W + "init_distributed", "backend": "@backend", "device": "@device"}, *_initialize()],
+        "run": [{"_target_": W + "run_training", "early_stop": "@validate#early_stop", "trainer": "@train#trainer",
+                 "distributed": True}],
+        "finalize": [{"_target_": W + "end_distributed"}],
     }
 
 
@@ -472,7 +461,7 @@ Only the decoder is trained; the encoder stays frozen (eval mode, no gradients, 
 {"Patch-14 encoders see each 256² tile resized to 224² (a 16×16 token grid)." if spec.input_size != 256 else ""}
 
 ## Data
-Choose with `--dataset synthetic|pannuke|conic|cytodark0|folder --dataset_dir <prepared folder>`.
+Choose with `--dataset {"|".join(DATASETS)} --dataset_dir <prepared folder>`.
 Real datasets are prepared once with `python scripts/prepare_data.py <name> ...` (see docs/datasets.md);
 `synthetic` (the default) is generated on first use and needs no download.
 
@@ -480,8 +469,10 @@ Real datasets are prepared once with `python scripts/prepare_data.py <name> ...`
 Adam (AMSGrad), learning rate 5e-4, batch 4, ReduceLROnPlateau (×0.5, patience 10) and early stopping
 (patience 20) on the validation key metric (`mpq+` for multi-class data, `pq` for single-class), CISCA loss
 (contour CCE + Dice, distance MAE + MSGE, type CE + Tversky), METHOD.md §7 augmentation, targets recomputed
-after augmentation. GPU: bf16 autocast. Checkpoints (`models/model.pt`) hold the decoder only, plus the
-encoder, classes and magnification they were trained for.
+after augmentation. GPU: bf16 autocast. Checkpoints: `models/model.pt`, the best model (replaced only by a
+better one), holds the decoder plus what rebuilds the network (encoder and its weights' identity, decoder
+architecture, classes, magnification); `models/last.pt` the state a killed run resumes from with the same
+command (`--resume false` starts afresh). See cellgap's docs/guarantees.md.
 Monitoring: `tensorboard --logdir runs` shows the training loss, learning rate, validation metrics and
 overlays, and `data_wait_share`, the share of each epoch the loop waited for data. On a GPU above 10 % a
 warning suggests more `--num_workers`, a packed dataset (`prepare_data.py --pack`), `--photometric_on_device true`
@@ -515,6 +506,11 @@ python -m monai.bundle run --config_file "['configs/train.json','configs/evaluat
 Inference on a folder of tiles:
 ```
 python -m monai.bundle run --config_file configs/inference.json --input_dir /data/tiles --output_dir /data/cells
+```
+Whole slides (SVS, NDPI, MRXS, OME-TIFF, pyramidal TIFF; streamed in bounded memory, resumable, QuPath GeoJSON,
+cell tables; the same engine as `cellgap segment`, see cellgap's docs/slides.md):
+```
+python -m monai.bundle run --config_file configs/segment.json --input /data/slides --out /data/slide_cells
 ```
 {gated}
 ## Encoder licence
@@ -565,8 +561,42 @@ def license_text() -> str:
             "Encoder weights are not included and are governed by their own licences (see docs/README.md).\n")
 
 
+JSON_WIDTH = 120
+
+
+def _json_lines(obj, indent: int, lead: str) -> list[str]:
+    """``obj`` as JSON after ``lead``: on one line where it fits JSON_WIDTH; a dict or list of one-line items
+    packed several to a line (as Python is wrapped); else one entry a line."""
+    flat = json.dumps(obj, ensure_ascii=False)
+    if not isinstance(obj, (dict, list)) or not obj or len(lead) + len(flat) + 1 <= JSON_WIDTH:
+        return [lead + flat]
+    is_dict = isinstance(obj, dict)
+    entries = ([json.dumps(k, ensure_ascii=False) + ": " for k in obj] if is_dict else [""] * len(obj))
+    values = list(obj.values()) if is_dict else obj
+    flats = [e + json.dumps(v, ensure_ascii=False) for e, v in zip(entries, values)]
+    pad = " " * (len(lead) + 1)
+    if all(not isinstance(v, (dict, list)) or len(pad) + len(f) + 2 <= JSON_WIDTH for v, f in zip(values, flats)):
+        lines, line = [], lead + ("{" if is_dict else "[")
+        for i, f in enumerate(flats):
+            f += "," if i < len(flats) - 1 else ("}" if is_dict else "]")
+            if len(line) + len(f) + 1 > JSON_WIDTH and line.strip() not in ("{", "["):
+                lines.append(line.rstrip())
+                line = pad
+            line += f + " "
+        return lines + [line.rstrip()]
+    pad = " " * (indent + 2)
+    lines = [lead + ("{" if is_dict else "[")]
+    for i, (entry, value) in enumerate(zip(entries, values)):
+        part = _json_lines(value, indent + 2, pad + entry)
+        if i < len(values) - 1:
+            part[-1] += ","
+        lines += part
+    return lines + [" " * indent + ("}" if is_dict else "]")]
+
+
 def _json(obj: dict) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    """Indented JSON whose short dicts and lists stay on one line (the configs read as a list of options)."""
+    return "\n".join(_json_lines(obj, 0, "")) + "\n"
 
 
 def render_bundle(spec: EncoderSpec | str) -> dict[str, str]:
@@ -577,6 +607,7 @@ def render_bundle(spec: EncoderSpec | str) -> dict[str, str]:
         "configs/train.json": _json(train_config(spec)),
         "configs/evaluate.json": _json(evaluate_config()),
         "configs/inference.json": _json(inference_config(spec)),
+        "configs/segment.json": _json(segment_config()),
         "configs/multi_gpu_train.json": _json(multi_gpu_config()),
         "configs/logging.conf": LOGGING_CONF,
         "docs/README.md": readme(spec),
@@ -609,8 +640,6 @@ def _vendor_strings(obj):
     if isinstance(obj, list):
         return [_vendor_strings(v) for v in obj]
     if isinstance(obj, str):
-        if obj == "$import cellgap":
-            return "$import scripts"  # MONAI binds `import a.b` as the name "a.b"; expressions need `scripts`
         return obj.replace("cellgap.", VENDORED + ".") if "cellgap." in obj else obj
     return obj
 
@@ -637,6 +666,10 @@ def export_bundle(spec: EncoderSpec | str, out_dir: str | os.PathLike, checkpoin
             path.parent.mkdir(parents=True, exist_ok=True)
             if rel.endswith(".json") and rel != "configs/metadata.json":
                 text = _json(_vendor_strings(json.loads(text)))
+            elif rel == "configs/metadata.json":  # cellgap is vendored in scripts/; no package index has it
+                meta = json.loads(text)
+                meta["required_packages_version"].pop("cellgap", None)
+                text = _json(meta)
             path.write_text(text, encoding="utf-8")
         shutil.copytree(library, root / "scripts" / "cellgap", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (root / "scripts" / "__init__.py").write_text('"""Custom code of this bundle: a copy of the cellgap library."""\n')

@@ -1,5 +1,12 @@
-"""The ``cellgap`` command: the offline demo (train → evaluate → infer through a MONAI bundle) and
-registry listings."""
+"""cellgap: cell segmentation and classification with frozen foundation-model encoders and the CISCA decoder,
+as MONAI bundles. Every sub-command runs a bundle and prints the equivalent `python -m monai.bundle run` line.
+
+examples:
+  cellgap demo                                            # offline: train, evaluate, infer on synthetic tiles
+  cellgap prepare folder --raw ~/my_tiles --out data/my_tiles --magnification 40
+  cellgap train data/my_tiles --encoder uni --out runs/my_uni --epochs 50
+  cellgap evaluate runs/my_uni --split test
+  cellgap encoders                                        # the encoder registry"""
 
 from __future__ import annotations
 
@@ -25,12 +32,9 @@ def _say(text: str) -> None:
 
 def demo_bundle(workdir: Path) -> Path:
     """The committed demo bundle when running from a checkout; otherwise rendered into ``workdir``."""
-    from .bundle import bundle_name, write_bundle
+    from .commands.bundle_run import bundle_for
 
-    committed = Path(__file__).resolve().parents[1] / "bundles" / bundle_name(DEMO_ENCODER)
-    if (committed / "configs" / "train.json").is_file():
-        return committed
-    return write_bundle(DEMO_ENCODER, workdir / "bundle")
+    return bundle_for(DEMO_ENCODER, workdir)
 
 
 def _encoder_weights() -> tuple[str | None, bool]:
@@ -47,12 +51,11 @@ def _encoder_weights() -> tuple[str | None, bool]:
 
 
 def _run_bundle(config_files: list[Path], **overrides) -> None:
-    from monai.bundle import run
+    from .commands.bundle_run import run_bundle
 
-    from .study.bundles import quiet_warnings
-
-    with quiet_warnings():
-        run(config_file=[str(c) for c in config_files], **overrides)
+    bundle = Path(overrides.pop("bundle_root"))
+    overrides.pop("logging_file", None), overrides.pop("meta_file", None)
+    run_bundle(bundle, [Path(c).name for c in config_files], overrides)
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -125,9 +128,20 @@ def list_encoders(_args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cellgap", description=__doc__)
+    from .commands import evaluate, prepare, train
+    from .commands.bundle_run import CommandError
+
+    parser = argparse.ArgumentParser(prog="cellgap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train, evaluate and run the demo bundle on built-in synthetic data (offline)")
+    for name, module, text in (("prepare", prepare, "convert a dataset (or your own annotated images) into the prepared layout"),
+                               ("train", train, "train an encoder's decoder on a prepared dataset into a run folder"),
+                               ("evaluate", evaluate, "metrics reports of a run folder on a split of its dataset")):
+        command = sub.add_parser(name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
+    demo = sub.add_parser("demo", help="train, evaluate and run the demo bundle on built-in synthetic data (offline)",
+                          description="Train, evaluate and run the demo bundle on built-in synthetic tiles, offline.",
+                          epilog="example: cellgap demo --workdir runs/demo --epochs 4")
     demo.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, logs and outputs go")
     demo.add_argument("--epochs", type=int, default=4)
     demo.add_argument("--batch-size", type=int, default=8)
@@ -155,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     enc = sub.add_parser("encoders", help="list the encoder registry")
     enc.set_defaults(func=list_encoders)
     args = parser.parse_args(argv)
-    args.func(args)
-    return 0
+    try:
+        result = args.func(args)
+    except CommandError as error:
+        print(f"cellgap {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -381,7 +381,8 @@ class FrozenEncoder(nn.Module):
       models, resized so that a 256² tile becomes 224² (a 16×16 token grid).
     - Output: 4 maps (B,C_i,h_i,w_i); ``channels`` and ``reductions`` (relative to the input tile).
 
-    ``weights``: None (random init; requires ``allow_random``), ``"hub"``, or a local folder/file.
+    ``weights``: None (random init; requires ``allow_random``, which also takes ``"none"`` / ``"random"``),
+    ``"hub"``, or a local folder/file.
     """
 
     def __init__(self, encoder: str | EncoderSpec, weights: str | os.PathLike | None = "hub", allow_random: bool = False,
@@ -391,6 +392,8 @@ class FrozenEncoder(nn.Module):
         if reduced:
             spec = spec.reduced()
         self.spec = spec
+        if allow_random and weights in ("none", "random"):  # how a config spells "no weights" (JSON has null too)
+            weights = None
         if weights is None and not allow_random:
             raise EncoderWeightsError(f"encoder {spec.key!r}: no weights given; pass weights='hub', a local folder or file, "
                                       f"or allow_random=True to use random weights on purpose")

@@ -34,6 +34,18 @@ def _host_array(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _overlay(image, instances: np.ndarray, types: np.ndarray) -> np.ndarray:
+    """The overlay; an image with a side under 3 pixels is drawn on a 1-pixel margin (scikit-image's boundary
+    finder cannot pad a footprint larger than the image) that is cut off again."""
+    if min(instances.shape) >= 3:
+        return overlay(image, instances, types)
+    picture = _host_array(image)
+    channel_first = picture.ndim == 3 and picture.shape[0] in (1, 3) and picture.shape[1:] == instances.shape
+    spatial = ((0, 0), (1, 1), (1, 1)) if channel_first else ((1, 1), (1, 1), (0, 0))
+    drawn = overlay(np.pad(picture, spatial[: picture.ndim], mode="edge"), np.pad(instances, 1), np.pad(types, 1))
+    return drawn[1:-1, 1:-1]
+
+
 def write_tiff(path: str | os.PathLike, array: np.ndarray) -> Path:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, array, compression="zlib")
@@ -140,12 +152,15 @@ class SaveCellOutputsd(MapTransform):
         instances = _host_array(d["pred_instances"]).squeeze(0).astype(np.int32)
         types = _host_array(d["pred_types"]).squeeze(0).astype(np.uint8)
         rows = cell_rows(d["pred_cells"], self.class_names, self.mpp)
+        # everything is computed before the first file is written: a failure leaves no partial set of outputs
+        picture = _overlay(d[self.image_key], instances, types) if self.overlay_png and self.image_key in d else None
+        features = geojson_features(instances, rows) if self.geojson else None
         written = {"instances": write_tiff(self.output_dir / f"{name}_instances.tif", instances),
                    "classes": write_tiff(self.output_dir / f"{name}_classes.tif", types),
                    "cells": write_cells_csv(self.output_dir / f"{name}_cells.csv", rows)}
-        if self.overlay_png and self.image_key in d:
-            written["overlay"] = save_png(self.output_dir / f"{name}_overlay.png", overlay(d[self.image_key], instances, types))
-        if self.geojson:
-            written["geojson"] = write_geojson(self.output_dir / f"{name}_cells.geojson", geojson_features(instances, rows))
+        if picture is not None:
+            written["overlay"] = save_png(self.output_dir / f"{name}_overlay.png", picture)
+        if features is not None:
+            written["geojson"] = write_geojson(self.output_dir / f"{name}_cells.geojson", features)
         d["written"] = {k: str(v) for k, v in written.items()}
         return d

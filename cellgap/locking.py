@@ -129,3 +129,33 @@ def output_lock(folder: str | os.PathLike, what: str):
         yield path
     finally:
         release(folder)
+
+
+class OutputLock:
+    """Ignite handler: ``folder``'s lock held from the engine's construction to its end (an evaluation's or an
+    inference's output folder; on rank 0 only under torch.distributed)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "a run") -> None:
+        self.folder = Path(folder)
+        self.what = what
+        self.held = False
+
+    def attach(self, engine) -> None:
+        import torch.distributed as dist
+        from ignite.engine import Events
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+            return
+        acquire(self.folder, self.what)
+        self.held = True
+        engine.add_event_handler(Events.COMPLETED, self.release)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def release(self, engine=None) -> None:
+        if self.held:
+            self.held = False
+            release(self.folder)
+
+    def exception_raised(self, engine, error: BaseException) -> None:
+        self.release()
+        raise error  # ignite swallows an exception that a handler of this event does not raise again

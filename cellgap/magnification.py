@@ -128,6 +128,18 @@ PROFILE_40X = MagnificationProfile(
 PROFILES = {20: PROFILE_20X, 40: PROFILE_40X}
 
 
+def parse_magnification(value: float | str) -> float:
+    """A magnification as a number: ``40``, ``40.0``, ``"40"`` or ``"40x"`` → 40.0 (the one place "40x" is read)."""
+    text = str(value).strip().lower().rstrip("x")
+    try:
+        mag = float(text)
+    except ValueError:
+        raise ValueError(f"magnification: expected a number such as 20, 40 or '40x', got {value!r}") from None
+    if not mag > 0:
+        raise ValueError(f"magnification: expected a positive number, got {value!r}")
+    return mag
+
+
 def profile_for(magnification: float | str | None = None, mpp: float | None = None) -> MagnificationProfile:
     """Return the reference profile nearest to a magnification (e.g. ``40``, ``"20x"``) or a pixel size.
 
@@ -137,14 +149,7 @@ def profile_for(magnification: float | str | None = None, mpp: float | None = No
     if (magnification is None) == (mpp is None):
         raise ValueError("profile_for: give exactly one of magnification (e.g. 40 or '40x') or mpp (µm/pixel)")
     if magnification is not None:
-        text = str(magnification).strip().lower().rstrip("x")
-        try:
-            mag = float(text)
-        except ValueError:
-            raise ValueError(f"magnification: expected a number such as 20, 40 or '40x', got {magnification!r}") from None
-        if not mag > 0:
-            raise ValueError(f"magnification: expected a positive number, got {magnification!r}")
-        mpp = 10.0 / mag  # the usual 40x ≈ 0.25 µm/px convention
+        mpp = 10.0 / parse_magnification(magnification)  # the usual 40x ≈ 0.25 µm/px convention
     if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp: expected a positive pixel size in µm/pixel, got {mpp!r}")
     split = math.sqrt(MPP_20X * MPP_40X)

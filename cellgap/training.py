@@ -1,6 +1,5 @@
-"""Glue between the CISCA network and MONAI's Ignite engines: batch preparation, gradient clipping, the
-training loop's wait for data, and checkpoint metadata that refuses a decoder trained for another encoder or
-another set of classes."""
+"""Glue between the CISCA network and MONAI's Ignite engines: batch preparation, gradient clipping and the
+training loop's wait for data (checkpoints: :mod:`cellgap.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -160,59 +159,7 @@ class DataWait:
                            f"or photometric_on_device / targets_on_device true would keep the GPU busy")
 
 
-class CheckpointMeta:
-    """What a decoder checkpoint was trained for; saved beside the weights and checked on load.
-
-    Put it first in ``CheckpointSaver``/``CheckpointLoader`` ``save_dict``/``load_dict`` so that a
-    mismatch is reported before the decoder's tensor shapes are compared.
-    """
-
-    FIELDS = ("encoder", "class_names", "num_contour_classes", "num_distance_maps")
-
-    def __init__(self, encoder: str, class_names, num_contour_classes: int = 3, num_distance_maps: int = 4,
-                 extra: dict | None = None):
-        self.info = {"encoder": str(encoder), "class_names": [str(c) for c in class_names],
-                     "num_contour_classes": int(num_contour_classes), "num_distance_maps": int(num_distance_maps)}
-        self.extra = dict(extra or {})
-        self.loaded: dict | None = None
-
-    def state_dict(self) -> dict:
-        return {**self.extra, **self.info}
-
-    def load_state_dict(self, state: dict) -> None:
-        problems = [f"{k}: checkpoint has {state.get(k)!r}, this network has {self.info[k]!r}"
-                    for k in self.FIELDS if state.get(k) != self.info[k]]
-        if problems:
-            raise ValueError("checkpoint does not fit this bundle (" + "; ".join(problems) + "). Use a checkpoint trained "
-                             "with this encoder on a dataset with these classes, or train one.")
-        self.loaded = dict(state)
-
-
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-def existing_checkpoint(path: str | os.PathLike) -> str:
-    """``path`` if it is a file, else a FileNotFoundError that says how to get one."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path}: missing; train the bundle first (configs/train.json) or fetch "
-                                f"published decoder weights with `python -m monai.bundle download_large_files --bundle_path .`")
-    return str(path)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a cellgap checkpoint (``meta`` + ``decoder``) and check that it is one."""
-    existing_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "meta" not in ckpt or "decoder" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"checkpoint {path}: not a cellgap decoder checkpoint (expected keys 'meta' and 'decoder', got {keys})")
-    missing = [k for k in ("class_names", "encoder", "magnification", "min_cell_size") if k not in ckpt["meta"]]
-    if missing:
-        raise ValueError(f"checkpoint {path}: its meta lacks {missing}")
-    return ckpt
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:

@@ -11,8 +11,10 @@ Examples::
     python scripts/run_study.py runs/study_smoke --encoders convnext_atto uni --reduced-encoders --random-weights \\
         --splits seed0 seed1 --epochs 2 --set tile_size=64 --synthetic '{"n_train": 8, "n_val": 4, "n_test": 8, "size": 64}'
 
-Rerunning the same command continues where it stopped: finished cells are skipped, failed or half-finished
-ones are retried.  `--results-only` rewrites results/ from the finished cells.  See docs/study.md.
+Rerunning the same command continues where it stopped: finished runs are skipped, failed or half-finished
+ones are retried.  `--list` prints every run and the command of each unfinished one (one job per run), `--only`
+runs some, `--dry-run` prints what the grid would cost, `--results-only` rewrites results/ from the finished
+runs.  See docs/study.md.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     add_study_arguments(parser)
     args = parser.parse_args(argv)
     outcome = run_study_from_args(args)
-    if isinstance(outcome, StudyReport) and outcome.failed:
-        print(f"{len(outcome.failed)} cell(s) failed: {', '.join(outcome.failed)}; see {Path(outcome.results_dir) / 'cells.md'}",
-              file=sys.stderr)
+    if isinstance(outcome, StudyReport) and (outcome.failed or outcome.busy):
+        if outcome.failed:
+            print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; see {Path(outcome.results_dir) / 'runs.md'}",
+                  file=sys.stderr)
+        if outcome.busy:
+            print(f"{len(outcome.busy)} run(s) held by another job, not run here: {', '.join(outcome.busy)}", file=sys.stderr)
         return 1
     return 0
 

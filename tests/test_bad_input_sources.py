@@ -99,13 +99,13 @@ def test_bad_arguments_name_the_argument(folder_raw, tmp_path):
 def test_image_in_an_unsupported_format_is_named(folder_raw, tmp_path):
     raw = folder_copy(folder_raw, tmp_path)
     png = raw / "images" / "tile_004.png"
-    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"))
+    Image.open(png).convert("RGB").save(png.with_suffix(".bmp"))
     png.unlink()
     fails_cleanly(folder.convert, raw, tmp_path, ValueError,
-                  r"images/tile_004.jpg: image format '.jpg' is not supported; expected .png, .tif or .tiff")
+                  r"images/tile_004.bmp: image format '.bmp' is not supported; expected .png, .tif, .tiff, .jpg or .jpeg")
     # the same for a label map saved in a format that is not read
-    shutil.copy(raw / "images" / "tile_004.jpg", png)
-    (raw / "images" / "tile_004.jpg").unlink()
+    shutil.copy(raw / "images" / "tile_004.bmp", png)
+    (raw / "images" / "tile_004.bmp").unlink()
     label = raw / "labels" / "tile_004.tif"
     label.rename(label.with_suffix(".jpg"))
     fails_cleanly(folder.convert, raw, tmp_path, ValueError,

@@ -49,7 +49,7 @@ def test_cytodark0_full_images_and_their_tiles_pack_and_train(tmp_path, monkeypa
     def not_here(path):
         raise AssertionError(f"{path}: decoded although the pack holds it")
 
-    monkeypatch.setattr(loading, "read_rgb", not_here)
+    monkeypatch.setattr(loading, "read_image", not_here)
     train_one_step("cytodark0", prepared, tmp_path)
 
 

@@ -123,14 +123,14 @@ def test_inference_writes_cells_for_any_tile_size(trained, tmp_path):
         assert geo["type"] == "FeatureCollection"
 
 
-def test_inference_rejects_a_greyscale_image(trained, tmp_path):
+def test_inference_rejects_an_image_stack(trained, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(inputs / "grey.png")
+    tifffile.imwrite(inputs / "grey.tif", np.zeros((5, 64, 64), np.uint8))  # greyscale is read; a stack is not
     common = {k: v for k, v in _common(trained).items() if k not in ("dataset_dir", "synthetic", "num_workers")}
     with pytest.raises(Exception) as info:
         _quiet_run(["inference.json"], input_dir=str(inputs), **{**common, "output_dir": str(tmp_path / "out")})
-    assert re.search(r"grey\.png.*RGB", _chain(info.value))
+    assert re.search(r"grey\.tif.*RGB composite", _chain(info.value))
 
 
 def test_a_checkpoint_for_another_encoder_is_refused(trained, tmp_path):

@@ -93,3 +93,55 @@ def test_command_line(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["conic", "--raw", str(raw), "--out", str(tmp_path / "x"), "--metadata", "a.csv"]) == 2
     assert "--metadata do(es) not apply to conic" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the registry holds each dataset's facts once
+def test_every_spec_holds_its_facts_and_finds_its_converter():
+    from cellgap.data.registry import STAIN_KINDS
+
+    for name, spec in DATASETS.items():
+        assert spec.name == name and spec.stain in STAIN_KINDS
+        assert callable(spec.info) and callable(spec.convert)
+        assert (spec.download is None) == (name in ("synthetic", "folder"))
+        if spec.class_names is None:
+            continue
+        for mag, mpp in spec.mpp.items():
+            info = spec.info(magnification=mag) if len(spec.mpp) > 1 else spec.info()
+            assert (info.class_names, info.magnification, info.mpp) == (spec.class_names, mag, mpp)
+            assert info.min_cell_size == spec.min_cell_size[mag]
+            assert info.extra["protocol"] == spec.default_protocol and "lab_stats" not in info.extra
+            for p in spec.protocols:
+                table = info.extra["protocols"][p.name]
+                assert (table["column"], table["empty_policy"]) == (p.column, p.empty_policy)
+
+
+def test_metric_presets_come_from_the_protocols():
+    assert [get("pannuke").metric_preset(p) for p in (None, "official2", "cisca")] == ["pannuke", "pannuke", "cisca"]
+    assert get("conic").metric_preset(None) == get("cytodark0").metric_preset("zenodo") == "cisca"
+    assert get("folder").metric_preset(None) == get("synthetic").metric_preset("anything") == "custom"
+    with pytest.raises(ValueError, match="protocol: expected one of"):
+        get("pannuke").metric_preset("official9")
+
+
+def test_stain_statistics_and_oversampling_are_read_from_the_registry():
+    from cellgap.data.augmentation import STAIN_STATISTICS, stain_statistics
+    from cellgap.data.sampling import OVERSAMPLING_PRESETS
+
+    for name, spec in DATASETS.items():
+        if spec.stain_statistics is None:
+            assert spec.stain_stats() == "he" and name not in STAIN_STATISTICS
+        else:
+            assert spec.stain_stats() == name
+            assert stain_statistics(name).mean_mu == spec.stain_statistics["mean_mu"]
+        assert OVERSAMPLING_PRESETS.get(name, {}) == dict(spec.oversampling)
+    assert get("cytodark0").stain == "nissl"
+
+
+def test_magnification_is_parsed_in_one_place():
+    from cellgap.magnification import parse_magnification, profile_for
+
+    assert parse_magnification("40x") == parse_magnification(" 40X ") == parse_magnification(40) == 40.0
+    assert profile_for(magnification="20x") is profile_for(magnification=20)
+    for bad in ("forty", "0x", -20):
+        with pytest.raises(ValueError, match="magnification"):
+            parse_magnification(bad)

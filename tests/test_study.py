@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cellgap.data.prepared import datalist
+from cellgap.locking import LOCK_NAME
 from cellgap.magnification import PROFILE_40X
 from cellgap.metrics import Protocol, ScoreTable, score_image
 from cellgap.metrics.statistics import paired_bootstrap
@@ -24,6 +25,8 @@ from cellgap.study import (
     run_study,
     write_results,
 )
+from cellgap.study.cli import main as study_main
+from cellgap.study.grid import OptionsChangedError
 
 TINY = {"widths": [8, 8, 8, 16, 16, 16], "head_features": 8, "head_width": 8, "norm": None}
 OVERRIDES = {"epochs": 1, "epoch_length": 1, "batch_size": 2, "val_batch_size": 2, "decoder": TINY, "tile_size": 64,
@@ -32,13 +35,13 @@ OVERRIDES = {"epochs": 1, "epoch_length": 1, "batch_size": 2, "val_batch_size": 
 ENCODERS = ["convnext_atto", "uni"]  # general-purpose and pathology (reduced ViT)
 SPLITS = ["seed0", "seed1"]
 FAST_STATS = {"bootstrap": 100, "permutations": 100, "eval_bootstrap": 0, "log": lambda text: None}
-RESULT_FILES = ["README.md", "protocol.json", "cost.json", *(f"{s}.{x}" for s in ("summary", "per_cell", "per_class",
-                "per_tissue", "gap", "cells") for x in ("csv", "md")),
+RESULT_FILES = ["README.md", "protocol.json", "cost.json", *(f"{s}.{x}" for s in ("summary", "per_run", "per_class",
+                "per_tissue", "gap", "runs") for x in ("csv", "md")),
                 *(f"figures/{f}.png" for f in ("metrics_bars", "per_class_heatmap", "per_tissue_heatmap", "cost_vs_accuracy"))]
 
 
-def _grid(study_dir, weights="random", **kwargs):
-    return run_study(study_dir, ENCODERS, "synthetic", None, SPLITS, OVERRIDES, weights, **{**FAST_STATS, **kwargs})
+def _grid(study_dir, weights="random", overrides=None, **kwargs):
+    return run_study(study_dir, ENCODERS, "synthetic", None, SPLITS, overrides or OVERRIDES, weights, **{**FAST_STATS, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +113,9 @@ def test_summary_means_are_the_means_of_the_cells(study):
             values = [_test_metrics(folder, s, e)[metric] for s in SPLITS]
             assert float(rows[e][f"{metric}_mean"]) == pytest.approx(np.mean(values), abs=1e-12)
             assert float(rows[e][f"{metric}_sd"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
-    per_cell = _table(folder / "results" / "per_cell.csv")
-    assert len(per_cell) == 4
-    for row in per_cell:
+    per_run = _table(folder / "results" / "per_run.csv")
+    assert len(per_run) == 4
+    for row in per_run:
         assert float(row["pq"]) == pytest.approx(_test_metrics(folder, row["split"], row["encoder"])["pq"])
 
 
@@ -198,7 +201,7 @@ def test_protocol_json_records_every_choice(study):
     for s in doc["splits"]:
         assert s["metric_protocol"]["empty_policy"] == "skip" and s["metric_protocol"]["detection_radius"] == 12
     assert doc["training"]["random_weights"] == ENCODERS
-    for key, cell in doc["cells"].items():
+    for key, cell in doc["runs"].items():
         assert cell["status"] == "done" and cell["selection_split"] == "val"
         assert cell["min_cell_size"] == _cell_json(study[0], *key.split("/"))["min_cell_size"]["chosen"]
     assert doc["cost"]["per_encoder"]["uni"]["gflops"] > 0
@@ -233,7 +236,9 @@ def test_a_crashing_cell_is_recorded_and_the_grid_goes_on(study, tmp_path):
     folder = _copy(study, tmp_path)
     missing = tmp_path / "no_such_weights"
     weights = {"convnext_atto": str(missing), "uni": "random"}
-    report = _grid(folder, weights)
+    with pytest.raises(OptionsChangedError, match=r"weights: \"random\" → \".*no_such_weights"):
+        _grid(folder, weights)  # finished runs made with other weights are not mixed with new ones silently
+    report = _grid(folder, weights, rerun_changed=True)
     assert sorted(report.failed) == ["synthetic/seed0/convnext_atto", "synthetic/seed1/convnext_atto"]
     assert sorted(report.skipped) == ["synthetic/seed0/uni", "synthetic/seed1/uni"]  # their results are kept
     for s in SPLITS:
@@ -243,7 +248,7 @@ def test_a_crashing_cell_is_recorded_and_the_grid_goes_on(study, tmp_path):
         assert _cell_json(folder, s, "uni")["status"] == "done"
     results = folder / "results"
     assert [r["encoder"] for r in _table(results / "summary.csv")] == ["uni"]
-    cells = {(r["split"], r["encoder"]): r for r in _table(results / "cells.csv")}
+    cells = {(r["split"], r["encoder"]): r for r in _table(results / "runs.csv")}
     assert cells[("seed0", "convnext_atto")]["status"] == "failed" and "no_such_weights" in cells[("seed0", "convnext_atto")]["error"]
     assert "seed1/convnext_atto: failed" in (results / "README.md").read_text()
     assert "No gap table" in (results / "gap.md").read_text()
@@ -331,3 +336,170 @@ def test_network_cost_counts_the_network_that_runs():
     assert 0 < cost["encoder_gflops"] < cost["gflops"]
     bigger = network_cost("convnext_atto", num_classes=3, decoder=TINY, tile=512)
     assert bigger["gflops"] == pytest.approx(4 * cost["gflops"], rel=0.05)  # convolutions scale with the pixels
+
+
+# The fixture's grid as command-line options (the same settings, hence the same run fingerprints).
+CLI_ARGS = ["--encoders", *ENCODERS, "--splits", *SPLITS, "--random-weights", "--reduced-encoders", "--epochs", "1",
+            "--epoch-length", "1", "--batch-size", "2", "--num-workers", "0", "--decoder", json.dumps(TINY),
+            "--synthetic", json.dumps(OVERRIDES["synthetic"]), "--set", "val_batch_size=2", "--set", "tile_size=64",
+            "--set", "sw_batch_size=2", "--bootstrap", "100", "--permutations", "100", "--eval-bootstrap", "0"]
+
+
+def _list(folder: Path, capsys, args=CLI_ARGS) -> tuple[dict, list[str]]:
+    """Run id → state, and the commands, as ``--list`` prints them."""
+    assert study_main([str(folder), *args, "--list"]) == 0
+    out = capsys.readouterr().out
+    states = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 5 and words[0].startswith("synthetic/"):
+            states[words[0]] = words[4]
+    return states, [line for line in out.splitlines() if line.startswith("python -m cellgap.study ")]
+
+
+def test_list_prints_every_run_and_its_command_runs_as_printed(study, tmp_path, capsys, monkeypatch):
+    import os
+    import subprocess
+
+    folder = _copy(study, tmp_path)
+    (_cell(folder, "seed1", "uni") / "cell.json").unlink()
+    states, commands = _list(folder, capsys)
+    assert states == {f"synthetic/{s}/{e}": "done" for s in SPLITS for e in ENCODERS} | {"synthetic/seed1/uni": "todo"}
+    assert len(commands) == 1 and commands[0].endswith("--only synthetic/seed1/uni")
+    # As docs/study.md's Slurm array task does: line k of the listed commands through eval, in bash, from another
+    # directory; `python` here only shows the words bash hands it (starting an interpreter per test costs ~15 s).
+    (tmp_path / "jobs").write_text("\n".join(commands) + "\n")
+    shown = subprocess.run(["bash", "-c", 'python() { printf "%s\\0" python "$@"; }; eval "$(sed -n "${TASK}p" jobs)"'],
+                           cwd=tmp_path, env={**os.environ, "TASK": "1"}, capture_output=True, text=True, timeout=60)
+    argv = shown.stdout.split("\0")[:-1]
+    assert shown.returncode == 0 and argv[:3] == ["python", "-m", "cellgap.study"], shown.stderr
+    assert argv[3] == str(folder.resolve()) and argv[argv.index("--decoder") + 1] == json.dumps(TINY)
+    monkeypatch.chdir(tmp_path)
+    assert study_main(argv[3:]) == 0  # what `python -m cellgap.study` runs with those words
+    assert _list(folder, capsys) == ({f"synthetic/{s}/{e}": "done" for s in SPLITS for e in ENCODERS}, [])
+    record = _cell_json(folder, "seed1", "uni")
+    assert record["attempt"] == 1 and record["settings"]["overrides"]["epochs"] == 1
+    assert not (_cell(folder, "seed1", "uni") / LOCK_NAME).exists()  # the run's lock is released
+
+
+def test_only_refuses_unknown_ids_and_runs_another_job_holds(study, tmp_path, capsys):
+    import os
+    import socket
+
+    folder = _copy(study, tmp_path)
+    assert study_main([str(folder), *CLI_ARGS, "--only", "synthetic/seed9/uni"]) == 2
+    assert "'synthetic/seed9/uni' not a run of this grid" in capsys.readouterr().err
+    held = _cell(folder, "seed0", "uni")
+    (held / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "what": "study run synthetic/seed0/uni", "started": "now"}))
+    states, _ = _list(folder, capsys)
+    assert states["synthetic/seed0/uni"] == "running"
+    assert study_main([str(folder), *CLI_ARGS, "--only", "synthetic/seed0/uni"]) == 2
+    assert "synthetic/seed0/uni is being run by another job" in capsys.readouterr().err
+    (held / "cell.json").unlink()  # would be rerun, but another job holds it: left alone
+    report = _grid(folder)
+    assert report.busy == ["synthetic/seed0/uni"] and report.ran == [] and len(report.skipped) == 3
+    assert not (held / "cell.json").exists()
+
+
+def test_changed_options_are_refused_naming_them(study, tmp_path, capsys):
+    folder = _copy(study, tmp_path)
+    with pytest.raises(OptionsChangedError, match="(?s)4 finished run.*overrides.epochs: 1 → 2"):
+        _grid(folder, overrides={**OVERRIDES, "epochs": 2})
+    args = list(CLI_ARGS)
+    args[args.index("--epochs") + 1] = "2"
+    assert study_main([str(folder), *args, "--only", "synthetic/seed0/uni"]) == 2
+    assert "overrides.epochs: 1 → 2" in capsys.readouterr().err
+    states, commands = _list(folder, capsys, args)
+    assert set(states.values()) == {"changed"} and commands == []
+
+
+def test_results_merge_marks_missing_runs_and_reports_corrupt_ones(study, tmp_path, capsys):
+    folder = _copy(study, tmp_path)
+    (_cell(folder, "seed1", "uni") / "cell.json").unlink()  # never finished
+    (_cell(folder, "seed1", "convnext_atto") / "eval_test" / "summary.json").write_text("{truncated")  # corrupt
+    assert study_main([str(folder), "--results-only"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 4 run(s) finished; missing: seed1/convnext_atto (corrupt), seed1/uni (todo)" in out
+    assert "seed1/convnext_atto is corrupt, left out: eval_test/summary.json" in out
+    results = folder / "results"
+    summary = {r["encoder"]: r for r in _table(results / "summary.csv")}
+    for e in ENCODERS:  # over the one finished split, and saying so
+        assert summary[e]["n_splits"] == "1" and summary[e]["missing_splits"] == "seed1"
+        assert float(summary[e]["pq_mean"]) == pytest.approx(_test_metrics(folder, "seed0", e)["pq"])
+    md = (results / "summary.md").read_text()
+    assert "1 of 2 †" in md and "INCOMPLETE" in md and "uni: 1 of 2 splits; missing seed1" in md
+    per_run = {(r["split"], r["encoder"]): r for r in _table(results / "per_run.csv")}
+    assert len(per_run) == 4 and per_run[("seed1", "uni")]["status"] == "todo"
+    assert per_run[("seed1", "convnext_atto")]["status"] == "corrupt" and per_run[("seed1", "convnext_atto")]["pq"] == "nan"
+    assert "MISSING" in (results / "per_run.md").read_text()
+    runs = {(r["split"], r["encoder"]): r for r in _table(results / "runs.csv")}
+    assert "summary.json" in runs[("seed1", "convnext_atto")]["error"]
+    gap = _table(results / "gap.csv")
+    assert {r["split"] for r in gap} == {"seed0", "all (mean over 1 of 2 splits)"}
+    assert "INCOMPLETE" in (results / "gap.md").read_text() and "1 of 2 splits" in (results / "per_class.md").read_text()
+
+
+def test_dry_run_plans_steps_flops_hours_and_cache_disk(tmp_path, capsys):
+    import math
+
+    from cellgap.encoders import FrozenEncoder
+    from cellgap.study.estimate import estimate
+    from cellgap.study.runner import make_plan
+
+    folder = tmp_path / "s"
+    overrides = {**OVERRIDES, "epochs": 3, "epoch_length": None, "cache_mode": "clean"}
+    plan = make_plan(folder, ENCODERS, "synthetic", None, SPLITS, overrides, "random")
+    result = estimate(plan, folder, ["uni=100", "convnext_atto=50"], only=["synthetic/seed1/uni", "synthetic/seed0/convnext_atto"])
+    assert [r["run"] for r in result["runs"]] == ["synthetic/seed0/convnext_atto", "synthetic/seed1/uni"]
+    for r in result["runs"]:
+        assert r["steps"] == 3 * math.ceil(2 / 2)  # epochs × batches of the 2 training tiles
+        cost = network_cost(r["encoder"], 3, TINY, reduced=True)
+        expected = 2 * (cost["encoder_gflops"] + 3 * (cost["gflops"] - cost["encoder_gflops"])) * (64 / 256) ** 2
+        assert r["train_gflops_per_step"] == pytest.approx(expected)
+        tiles = 3 * 2 + 3 * 2 + 2 + 3  # training tiles, a val pass per epoch, selection on val, test
+        assert r["gpu_hours"] == pytest.approx(tiles / {"uni": 100, "convnext_atto": 50}[r["encoder"]] / 3600)
+        with pytest.warns(UserWarning, match="RANDOMLY"):
+            encoder = FrozenEncoder(r["encoder"], weights=None, allow_random=True, reduced=True)
+        with torch.no_grad():
+            maps = encoder(torch.zeros(1, 3, 64, 64))
+        assert r["cache_bytes"] == 2 * sum(m.numel() for m in maps) * 2  # 2 training tiles, float16
+    assert result["total"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in result["runs"]))
+    assert study_main([str(folder), *CLI_ARGS, "--dry-run", "--tiles-per-second", "uni=100"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic/seed1/uni" in out and "\ntotal" in out and "pass --tiles-per-second convnext_atto=N" in out
+    assert study_main([str(folder), *CLI_ARGS, "--dry-run", "--tiles-per-second", "uni=fast"]) == 2
+    assert "--tiles-per-second 'uni=fast': expected a positive number" in capsys.readouterr().err
+    assert not folder.exists()  # a plan, nothing written
+
+
+def test_torchrun_ranks_share_the_grid_and_match_a_sequential_run(study, tmp_path):
+    """``torchrun --nproc-per-node 2 -m cellgap.study``: two CPU ranks (gloo barrier) over the 2 × 2 grid."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ranks"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "cellgap.study", str(folder), *CLI_ARGS], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    ranks = {}
+    for s in SPLITS:
+        for e in ENCODERS:
+            record = _cell_json(folder, s, e)
+            assert record["status"] == "done" and record["attempt"] == 1 and record["history"] == []  # trained once
+            assert record["worker"]["world_size"] == 2 and record["worker"]["device"] == "cpu"
+            ranks.setdefault(record["worker"]["rank"], []).append(f"{s}/{e}")
+    assert sorted(ranks) == [0, 1] and all(len(v) == 2 for v in ranks.values())  # each rank its share
+    for s in SPLITS:
+        for e in ENCODERS:
+            mine, theirs = _test_metrics(folder, s, e), _test_metrics(study[0], s, e)
+            for m in ("pq", "bpq", "mpq+", "aji", "dice", "f1d"):
+                assert mine[m] == pytest.approx(theirs[m], abs=1e-6, nan_ok=True), (s, e, m)
+    summary, sequential = _table(folder / "results" / "summary.csv"), _table(study[0] / "results" / "summary.csv")
+    assert [r["encoder"] for r in summary] == [r["encoder"] for r in sequential]
+    for a, b in zip(summary, sequential):
+        for key in ("pq_mean", "pq_sd", "mpq+_mean", "f1d_mean"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6, nan_ok=True)

@@ -70,6 +70,7 @@ from monai.transforms import (
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 
 from ..targets import CONTOUR_LEVELS_KEY
+from .registry import DATASETS
 
 INTENSITY_MAX = 255.0  # images are augmented in 0..255 (docs/contracts.md)
 
@@ -102,19 +103,9 @@ class StainStatistics:
             object.__setattr__(self, name, triple)
 
 
+# the datasets' own statistics, from their registry entries
 STAIN_STATISTICS: dict[str, StainStatistics] = {
-    "conic": StainStatistics(
-        mean_mu=(174.419, 151.99, 109.463), mean_sigma=(37.615, 11.55, 8.624),
-        std_mu=(35.016, 8.581, 8.452), std_sigma=(10.965, 3.324, 2.924),
-    ),
-    "pannuke": StainStatistics(
-        mean_mu=(167.362, 150.293, 116.988), mean_sigma=(30.767, 9.184, 7.463),
-        std_mu=(38.191, 7.936, 7.474), std_sigma=(11.374, 3.08, 2.618),
-    ),
-    "cytodark0": StainStatistics(
-        mean_mu=(204.961, 133.763, 113.567), mean_sigma=(19.332, 3.781, 6.932),
-        std_mu=(31.206, 9.215, 12.727), std_sigma=(10.322, 2.043, 3.177),
-    ),
+    name: StainStatistics(**spec.stain_statistics) for name, spec in DATASETS.items() if spec.stain_statistics is not None
 }
 # Neutral H&E default for datasets without their own statistics: the mean of the two H&E tables.
 STAIN_STATISTICS["he"] = StainStatistics(

@@ -39,12 +39,14 @@ from .native import (
     sequential,
 )
 from .prepared import DatasetInfo, PreparedWriter
+from .registry import DATASETS
 
-NAME = "conic"
-CLASS_NAMES = ("Neutrophil", "Epithelial", "Lymphocyte", "Plasma", "Eosinophil", "Connective")
-MAGNIFICATION = 20
-MPP = 0.5
-MIN_CELL_SIZE = 26  # METHOD.md §4: T_small chosen on validation for CoNIC
+# The dataset's facts live in its registry entry (cellgap.data.registry); the names below are kept for the converter.
+SPEC = DATASETS["conic"]
+NAME = SPEC.name
+CLASS_NAMES = SPEC.class_names
+(MAGNIFICATION, MPP), = SPEC.mpp.items()
+MIN_CELL_SIZE = SPEC.min_cell_size[MAGNIFICATION]
 LICENCE = "CC BY-NC-SA 4.0"
 FILES = ("images.npy", "labels.npy", "patch_info.csv", "counts.csv")
 
@@ -56,15 +58,8 @@ _NOTE = ("CoNIC patches are distributed via the challenge site https://conic-cha
          "(Google Drive folder); download images.npy, labels.npy, patch_info.csv and counts.csv yourself.")
 SOURCES = tuple(Source(name, None, None, extract=False, note=_NOTE) for name in FILES)
 
-PROTOCOLS = {
-    "cisca": {"empty_policy": "skip", "description": "CISCA split (METHOD.md §6.2): source images grouped, cohort-stratified "
-                                                     "80/20 then 90/10, seeded; empty images excluded from metrics"},
-}
-DEFAULT_PROTOCOL = "cisca"
-
-LAB_STATS = {"L": {"avg": (174.419, 37.615), "std": (35.016, 10.965)},
-             "A": {"avg": (151.99, 11.55), "std": (8.581, 3.324)},
-             "B": {"avg": (109.463, 8.624), "std": (8.452, 2.924)}}
+PROTOCOLS = {p.name: {"empty_policy": p.empty_policy, "description": p.description} for p in SPEC.protocols}
+DEFAULT_PROTOCOL = SPEC.default_protocol
 
 _NAME_PATTERN = re.compile(r"^([A-Za-z0-9]+)_([^-]+)-(\d+)$")
 
@@ -78,7 +73,7 @@ def dataset_info(protocol: str = DEFAULT_PROTOCOL) -> DatasetInfo:
         description=f"CoNIC challenge patches (Lizard, colon), 256² tiles at 20x; split = {PROTOCOLS[protocol]['description']}",
         extra={"protocol": protocol,
                "protocols": {p: {"column": f"split_{p}", "default": p == protocol, **v} for p, v in PROTOCOLS.items()},
-               "licence": LICENCE, "source": "https://conic-challenge.grand-challenge.org", "lab_stats": LAB_STATS,
+               "licence": LICENCE, "source": "https://conic-challenge.grand-challenge.org",
                "count_region": 224},
     )
 

@@ -45,11 +45,14 @@ from . import splits as splitting
 from .download import Source, fetch_sources
 from .native import add_tiles, check_instance_map, read_label_image, read_rgb, sequential, tiles
 from .prepared import DatasetInfo, PreparedWriter
+from .registry import DATASETS
 
-NAME = "cytodark0"
-CLASS_NAMES = ("Cell",)
-MPP = {20: 0.548, 40: 0.274}
-MIN_CELL_SIZE = {20: 20, 40: 80}  # METHOD.md §4: set from prior knowledge for CytoDArk0
+# The dataset's facts live in its registry entry (cellgap.data.registry); the names below are kept for the converter.
+SPEC = DATASETS["cytodark0"]
+NAME = SPEC.name
+CLASS_NAMES = SPEC.class_names
+MPP = dict(SPEC.mpp)
+MIN_CELL_SIZE = dict(SPEC.min_cell_size)
 FULL_SIZE = {20: 1024, 40: 2048}
 TILE_SIZE = 256
 
@@ -61,16 +64,8 @@ AREAS = ((1, 53, "Auditory Cortex"), (54, 57, "Cerebellum"), (58, 61, "Hippocamp
 TEST_IDS = {20: (5, 10, 14, 22, 28, 43, 52, 53, 55, 60, *range(62, 70)),
             40: (5, 10, 14, 22, 28, 43, 52, 53, 55)}
 
-PROTOCOLS = {
-    "area_holdout": {"empty_policy": "skip", "description": "CISCA test images (METHOD.md §6.3; visual cortex held out at 20x), "
-                                                            "seeded area-stratified 10% validation; empty tiles excluded"},
-    "zenodo": {"empty_policy": "skip", "description": "the folds.csv shipped with the release (0 train, 1 val, 2 test)"},
-}
-DEFAULT_PROTOCOL = "area_holdout"
-
-LAB_STATS = {"L": {"avg": (204.961, 19.332), "std": (31.206, 10.322)},
-             "A": {"avg": (133.763, 3.781), "std": (9.215, 2.043)},
-             "B": {"avg": (113.567, 6.932), "std": (12.727, 3.177)}}
+PROTOCOLS = {p.name: {"empty_policy": p.empty_policy, "description": p.description} for p in SPEC.protocols}
+DEFAULT_PROTOCOL = SPEC.default_protocol
 
 
 def _check_magnification(magnification: int) -> int:
@@ -92,7 +87,7 @@ def dataset_info(magnification: int = 20, protocol: str = DEFAULT_PROTOCOL, prot
                "protocols": {p: {"column": f"split_{p}", "default": p == protocol, **PROTOCOLS[p]} for p in protocols},
                "tile_size": tile_size, "test_ids": list(TEST_IDS[mag]),
                "areas": [{"ids": [a, b], "area": name} for a, b, name in AREAS],
-               "source": "https://zenodo.org/records/13694738", "lab_stats": LAB_STATS,
+               "source": "https://zenodo.org/records/13694738",
                "split_usage": "when tiled, train rows are full-size images and val/test rows are tiles; "
                               "split_full holds every full-size image's split"},
     )

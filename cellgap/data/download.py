@@ -257,7 +257,8 @@ def extract_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike, pro
     """Unpack a verified zip/tar archive into ``dest_dir`` atomically; return ``dest_dir``.
 
     Members go to a temporary folder first; only when everything is unpacked are the top-level
-    entries moved into ``dest_dir`` (replacing older copies).  A marker file records the
+    entries moved into ``dest_dir`` (replacing older copies, never ``downloads/``: an archive with such a top
+    folder is refused).  A marker file records the
     extraction so that a second call does nothing.
     """
     archive, dest_dir = Path(archive), Path(dest_dir)
@@ -288,6 +289,12 @@ def extract_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike, pro
                         tf.extractall(tmp, members=members)
             except tarfile.TarError as e:
                 raise IntegrityError(f"{archive}: damaged tar archive ({e})") from None
+        reserved = [e.name for e in tmp.iterdir() if e.name == DOWNLOADS or e.name.startswith((".extracted-", ".extracting-"))]
+        if reserved:  # never replace the verified archives and their checksums (or the extraction markers)
+            raise ValueError(f"{archive}: its top-level {', '.join(repr(r) for r in reserved)} would replace "
+                             f"{dest_dir / reserved[0]}, where cellgap keeps the downloaded archives and their "
+                             f"checksums; nothing was extracted. Extract it by hand into another folder and pass that "
+                             f"folder as --raw")
         for entry in tmp.iterdir():
             target = dest_dir / entry.name
             if target.is_dir() and not target.is_symlink():

@@ -1,13 +1,14 @@
 """The user's own annotated tiles, from a folder::
 
-    <raw>/images/<name>.png|.tif|.tiff          8-bit RGB
+    <raw>/images/<name>.png|.tif|.tiff|.jpg     RGB, greyscale, 16-bit, RGBA (cellgap.data.image_kinds' rule)
     <raw>/labels/<name>.tif|.tiff|.png|.nii|.nii.gz   instance map (0 = background, one id per cell)
     <raw>/classes/<name>.tif|.png|.nii.gz       optional per-pixel class map 0..C, or
     <raw>/classes/<name>.csv                    optional per-instance classes:
                                                 ``instance_id,class`` (1..C) or ``instance_id,class_name``
     <raw>/split.csv                             optional: ``id,split[,tissue]`` (train/val/test)
     <raw>/cellgap.json                          optional facts: name, class_names, magnification, mpp,
-                                                min_cell_size, empty_policy, tissue_label, description
+                                                min_cell_size, empty_policy, tissue_label, description,
+                                                stain_kind (he, ihc, nissl, fluorescence, other; default he)
                                                 (checked by type; arguments override it)
 
 Without ``classes/`` the dataset has one class.  Without a split file a seeded split is generated
@@ -28,20 +29,21 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..magnification import parse_magnification
 from . import splits as splitting
+from .image_kinds import IMAGE_SUFFIXES, read_image
 from .native import (
-    IMAGE_SUFFIXES,
     LABEL_SUFFIXES,
     add_tiles,
     check_instance_map,
     class_counts,
     read_label_image,
-    read_rgb,
     sequential,
     strip_suffix,
     tiles,
 )
 from .prepared import EMPTY_POLICIES, DatasetInfo, PreparedWriter
+from .stain import STAIN_KINDS
 
 NAME = "folder"
 CONFIG = "cellgap.json"
@@ -68,6 +70,7 @@ FACTS = {  # field of cellgap.json / argument of dataset_info -> what a valid va
     "empty_policy": f"one of {list(EMPTY_POLICIES)}",
     "tissue_label": 'a non-empty text such as "tissue"',
     "description": "a text",
+    "stain_kind": f"one of {list(STAIN_KINDS)}",
 }
 
 
@@ -80,7 +83,7 @@ def _fact(field: str, value):
         return None  # not given: the default, or derived from the other of magnification/mpp
     if field == "magnification" and isinstance(value, str):
         try:
-            value = float(value.strip().lower().rstrip("x"))
+            value = parse_magnification(value)
         except ValueError:
             pass
     if field == "min_cell_size" and isinstance(value, (float, np.floating)) and float(value).is_integer():
@@ -96,6 +99,8 @@ def _fact(field: str, value):
         ok = value in EMPTY_POLICIES
     elif field == "description":
         ok = isinstance(value, str)
+    elif field == "stain_kind":
+        ok = value in STAIN_KINDS
     else:
         ok = isinstance(value, str) and bool(value.strip())
     if not ok:
@@ -143,12 +148,12 @@ def read_config(raw_dir: Path, overrides: dict) -> dict:
 
 def dataset_info(class_names: Sequence[str] | None = None, magnification: float | None = None, mpp: float | None = None,
                  name: str = NAME, min_cell_size: int | None = None, empty_policy: str = "skip",
-                 tissue_label: str = "tissue", description: str = "") -> DatasetInfo:
+                 tissue_label: str = "tissue", description: str = "", stain_kind: str = "he") -> DatasetInfo:
     """Facts of a user folder.  Give ``magnification`` or ``mpp`` (or both); the other is derived
     with the usual 40x ≈ 0.25 µm/px convention."""
     facts = {"name": name, "class_names": class_names, "magnification": magnification, "mpp": mpp,
              "min_cell_size": min_cell_size, "empty_policy": empty_policy, "tissue_label": tissue_label,
-             "description": description}
+             "description": description, "stain_kind": stain_kind}
     for field, value in facts.items():
         try:
             facts[field] = _fact(field, value)
@@ -165,7 +170,8 @@ def dataset_info(class_names: Sequence[str] | None = None, magnification: float 
     return DatasetInfo(name=facts["name"], class_names=facts["class_names"] or DEFAULT_CLASS_NAMES,
                        magnification=int(round(magnification)), mpp=float(mpp), min_cell_size=facts["min_cell_size"],
                        empty_policy=facts["empty_policy"], tissue_label=facts["tissue_label"],
-                       description=facts["description"] or "user folder", extra={"protocol": "given", "protocols": {}})
+                       description=facts["description"] or "user folder", extra={"protocol": "given", "protocols": {}},
+                       stain_kind=facts["stain_kind"])
 
 
 def _classes_from_csv(path: Path, label: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
@@ -215,7 +221,8 @@ def _classes_from_csv(path: Path, label: np.ndarray, class_names: Sequence[str])
 
 def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
             magnification: float | None = None, mpp: float | None = None, name: str | None = None,
-            min_cell_size: int | None = None, empty_policy: str | None = None, split_csv: str | os.PathLike | None = None,
+            min_cell_size: int | None = None, empty_policy: str | None = None, stain_kind: str | None = None,
+            split_csv: str | os.PathLike | None = None,
             seed: int = splitting.CISCA_SEED, tile_size: int | None = None, overwrite: bool = False, progress: bool = True,
             workers: int = 2) -> Path:
     """Convert a user folder into the prepared layout at ``out_dir``; return ``out_dir``.
@@ -229,13 +236,13 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names:
         if not (raw_dir / sub).is_dir():
             raise FileNotFoundError(f"{raw_dir / sub}: folder missing; expected {raw_dir}/images and {raw_dir}/labels")
     config = read_config(raw_dir, {"class_names": class_names, "magnification": magnification, "mpp": mpp, "name": name,
-                                   "min_cell_size": min_cell_size, "empty_policy": empty_policy})
+                                   "min_cell_size": min_cell_size, "empty_policy": empty_policy, "stain_kind": stain_kind})
     info = dataset_info(**{"name": NAME, **config})
 
     images = _files_by_name(raw_dir / "images", IMAGE_SUFFIXES, "images")
     labels = _files_by_name(raw_dir / "labels", LABEL_SUFFIXES, "label maps")
     if not images:
-        raise FileNotFoundError(f"{raw_dir / 'images'}: no images (.png, .tif, .tiff)")
+        raise FileNotFoundError(f"{raw_dir / 'images'}: no images ({', '.join(IMAGE_SUFFIXES)})")
     class_dir = raw_dir / "classes"
     class_files = _files_by_name(class_dir, LABEL_SUFFIXES + (".csv",), "class files") if class_dir.is_dir() else None
     if class_files is not None and "class_names" not in config:
@@ -288,7 +295,7 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names:
 
     def items():
         for i, n in enumerate(names):
-            image = read_rgb(images[n])
+            image = read_image(images[n])
             raw_label = read_label_image(labels[n])
             if raw_label.shape != image.shape[:2]:
                 hint = " (NIfTI stored transposed? the first axis must be rows)" if raw_label.shape == image.shape[1::-1] else ""

@@ -14,7 +14,8 @@ from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform
 
 from ..targets import CONTOUR_LEVELS_KEY, CONTOUR_PROFILE_KEY
-from .native import check_class_ids, read_class_map, read_instance_map, read_rgb
+from .image_kinds import read_image
+from .native import check_class_ids, read_class_map, read_instance_map
 from .packed import packed_tiles_for
 
 
@@ -39,7 +40,7 @@ def _tensor(array: np.ndarray, path: str, shape: tuple[int, int]) -> torch.Tenso
 
 
 class LoadTiled(MapTransform):
-    """Read ``image`` (8-bit RGB PNG/TIFF), ``label`` (integer instance map) and ``classes`` (class map).
+    """Read ``image`` (RGB, or any kind :mod:`cellgap.data.image_kinds` turns into 8-bit RGB), ``label`` (integer instance map) and ``classes`` (class map).
 
     Produces ``image`` (3,H,W) uint8, the stored values (crops and turns then move a quarter of the bytes
     of float32; scaling or the first photometric step makes it float32), ``label`` (1,H,W) int32 and
@@ -81,7 +82,7 @@ class LoadTiled(MapTransform):
         if "image" in self.keys:
             if not image_path:
                 raise KeyError(f"sample {d.get('id', '?')!r}: no 'image' path")
-            rgb = read_rgb(image_path)
+            rgb = read_image(image_path)  # greyscale, 16-bit, RGBA … by cellgap.data.image_kinds' rule
             # Channel-first in memory too: a transposed view would leave every later step strided reads.
             image = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
             d["image"] = _tensor(image, image_path, rgb.shape[:2])

@@ -141,6 +141,16 @@ def strip_suffix(name: str) -> str:
     return Path(name).stem
 
 
+def too_large_error(path, error: BaseException) -> BaseException:
+    """PIL's decompression-bomb refusal as a ValueError naming the file and the fix; any other error as it is."""
+    from PIL import Image
+
+    if not isinstance(error, Image.DecompressionBombError):
+        return error
+    return ValueError(f"{path}: {error} It is an image of whole-slide size: segment it with `cellgap segment` (which "
+                      f"reads it tile by tile) or cut it into tiles; if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS")
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read an 8-bit RGB image (PNG or TIFF) as H×W×3 uint8; RGBA with an opaque alpha is accepted."""
     path = Path(path)
@@ -160,6 +170,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
                 arr = np.asarray(im)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
+    except Exception as e:
+        raise too_large_error(path, e) from None
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
         arr = np.moveaxis(arr, 0, -1)  # planar TIFF
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):

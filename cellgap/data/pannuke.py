@@ -45,12 +45,14 @@ from .native import (
     sequential,
 )
 from .prepared import DatasetInfo, PreparedWriter
+from .registry import DATASETS
 
-NAME = "pannuke"
-CLASS_NAMES = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
-MAGNIFICATION = 40
-MPP = 0.25
-MIN_CELL_SIZE = 50  # METHOD.md §4: T_small chosen on validation for PanNuke
+# The dataset's facts live in its registry entry (cellgap.data.registry); the names below are kept for the converter.
+SPEC = DATASETS["pannuke"]
+NAME = SPEC.name
+CLASS_NAMES = SPEC.class_names
+(MAGNIFICATION, MPP), = SPEC.mpp.items()
+MIN_CELL_SIZE = SPEC.min_cell_size[MAGNIFICATION]
 FOLDS = (1, 2, 3)
 LICENCE = "CC BY-NC-SA 4.0"
 
@@ -65,20 +67,8 @@ SOURCES = (
            "c14d372981c42f611ebc80afad01702b89cad8c1b3089daa31931cf5a4b1a39d"),
 )
 
-PROTOCOLS = {
-    "official1": {"empty_policy": "nan", "description": "official split 1: train fold 1, val fold 2, test fold 3"},
-    "official2": {"empty_policy": "nan", "description": "official split 2: train fold 2, val fold 1, test fold 3"},
-    "official3": {"empty_policy": "nan", "description": "official split 3: train fold 3, val fold 2, test fold 1"},
-    "cisca": {"empty_policy": "skip", "description": "CISCA split (METHOD.md §6.1): all folds pooled, tissue-stratified "
-                                                     "80/20 then 90/10, seeded; empty images excluded from metrics"},
-}
-DEFAULT_PROTOCOL = "official1"
-
-# RandStainNA LAB statistics of the training images (METHOD.md §7): (mean, sd) of the per-image
-# channel mean ("avg") and of the per-image channel standard deviation ("std").
-LAB_STATS = {"L": {"avg": (167.362, 30.767), "std": (38.191, 11.374)},
-             "A": {"avg": (150.293, 9.184), "std": (7.936, 3.08)},
-             "B": {"avg": (116.988, 7.463), "std": (7.474, 2.618)}}
+PROTOCOLS = {p.name: {"empty_policy": p.empty_policy, "description": p.description} for p in SPEC.protocols}
+DEFAULT_PROTOCOL = SPEC.default_protocol
 
 OVERLAP_RULE = ("each (channel, id) pair is one cell; a pixel claimed by several channels goes to the smaller cell "
                 "(ties: lower channel index); ids renumbered 1..N")
@@ -98,8 +88,7 @@ def dataset_info(protocol: str = DEFAULT_PROTOCOL, protocols: Sequence[str] = tu
         empty_policy=PROTOCOLS[protocol]["empty_policy"], tissue_label="tissue",
         description=f"PanNuke, 19 tissues, 256² tiles at 40x; split = {PROTOCOLS[protocol]['description']}",
         extra={"protocol": protocol, "protocols": protocol_table(protocols, protocol), "licence": LICENCE,
-               "source": "https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke", "overlap_rule": OVERLAP_RULE,
-               "lab_stats": LAB_STATS},
+               "source": "https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke", "overlap_rule": OVERLAP_RULE},
     )
 
 

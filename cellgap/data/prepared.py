@@ -11,7 +11,9 @@ is converted into, and that bundles read.
 ```
 
 A folder is written under a temporary name and renamed into place only when complete, so a failed
-conversion never leaves a half-written dataset behind.
+conversion never leaves a half-written dataset behind. One conversion at a time writes to a given output (a lock
+beside it, ``cellgap.locking``), and ``overwrite`` replaces only a folder that this tool wrote
+(:func:`check_replaceable`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import math
 import numbers
 import os
 import shutil
+from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +34,9 @@ import tifffile
 from PIL import Image
 
 from ..atomic import atomic_write_text  # noqa: F401  (re-exported for the converters)
+from ..locking import output_lock
 from ..magnification import MagnificationProfile, profile_for
+from .stain import check_stain_kind
 
 MANIFEST = "manifest.csv"
 INFO = "dataset.json"
@@ -38,6 +44,29 @@ BASE_COLUMNS = ("id", "image", "label", "classes", "tissue", "split")
 SPLITS = ("train", "val", "test")
 EMPTY_POLICIES = ("skip", "nan")
 PARTIAL_MARK = ".cellgap-partial"  # inside <root>.partial while a conversion writes it
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def check_replaceable(root: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise a ValueError unless ``root`` may be deleted to be written again: it must be a prepared dataset that
+    this tool wrote (``dataset.json`` and ``manifest.csv`` in it) and must not be, or hold, the working directory,
+    the user's home or any of ``inputs`` (the files the conversion reads)."""
+    root = Path(root)
+    resolved = root.resolve()
+    protected = {"the working directory": Path.cwd().resolve(), "your home folder": Path.home().resolve()}
+    protected.update({f"the input {i}": Path(i).expanduser().resolve() for i in inputs if i is not None})
+    for what, path in protected.items():
+        if _inside(path, resolved):
+            raise ValueError(f"{root}: refusing to overwrite it, it {'is' if path == resolved else 'contains'} {what}; "
+                             f"choose an --out folder of its own (for example {root / 'prepared'}); nothing was deleted")
+    missing = [name for name in (INFO, MANIFEST) if not (root / name).is_file()]
+    if missing:
+        raise ValueError(f"{root}: refusing to overwrite it, it is not a prepared dataset written by cellgap (no "
+                         f"{' or '.join(missing)}); move it away or choose another --out folder; nothing was deleted")
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,9 @@ class DatasetInfo:
     tissue_label: str = "tissue"  # what the grouping column means: tissue, brain area, cohort
     description: str = ""
     extra: dict = field(default_factory=dict)
+    # he | ihc | nissl | fluorescence | other: where the H&E stain jitter applies (data.stain); None: the stain of the
+    # dataset's registry entry (H&E for a user folder), so datasets prepared before this field keep their jitter
+    stain_kind: str | None = None
 
     def __post_init__(self):
         def problem(text: str) -> ValueError:
@@ -72,6 +104,11 @@ class DatasetInfo:
             raise problem(f"min_cell_size must be a whole number of pixels ≥ 1 (or null for the default), got {size!r}")
         if self.empty_policy not in EMPTY_POLICIES:
             raise problem(f"empty_policy must be one of {EMPTY_POLICIES}, got {self.empty_policy!r}")
+        try:
+            if self.stain_kind is not None:
+                check_stain_kind(self.stain_kind)
+        except ValueError as error:
+            raise problem(str(error)) from None
         object.__setattr__(self, "class_names", tuple(self.class_names))
 
     @property
@@ -189,11 +226,18 @@ class PreparedWriter:
     """Write a prepared dataset atomically: ``with PreparedWriter(root, info) as w: w.add(...)``.
 
     Tiles go to ``<root>.partial``; on success the folder is renamed to ``root`` (replacing nothing:
-    an existing ``root`` is an error unless ``overwrite``).  On failure the partial folder is removed.
+    an existing ``root`` is an error unless ``overwrite``, which replaces only what :func:`check_replaceable`
+    allows; ``inputs``: the files or folders the conversion reads).  On failure the partial folder is removed.
+    The writer holds a lock (``.<name>.lock/`` beside ``root``) from start to end: a second conversion to the
+    same output stops at once naming the first.
     """
 
-    def __init__(self, root: str | os.PathLike, info: DatasetInfo, overwrite: bool = False, extra_columns: tuple[str, ...] = ()):
+    def __init__(self, root: str | os.PathLike, info: DatasetInfo, overwrite: bool = False, extra_columns: tuple[str, ...] = (),
+                 inputs: Iterable[str | os.PathLike] = ()):
         self.root = Path(root)
+        self.inputs = [p for p in inputs if p is not None]
+        self.lock_dir = self.root.with_name(f".{self.root.name}.lock")
+        self._stack = ExitStack()
         self.info = info
         self.overwrite = overwrite
         self.columns = BASE_COLUMNS + tuple(c for c in extra_columns if c not in BASE_COLUMNS)
@@ -206,6 +250,24 @@ class PreparedWriter:
             raise FileExistsError(f"{self.root}: exists and is not a folder; remove it or choose another output path")
         if self.root.exists() and not self.overwrite:
             raise FileExistsError(f"{self.root}: already exists; remove it or pass overwrite=True")
+        if self.root.exists():
+            check_replaceable(self.root, self.inputs)
+        self._stack.enter_context(output_lock(self.lock_dir, f"conversion to {self.root}"))
+        try:
+            self._start()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _unlock(self) -> None:
+        self._stack.close()
+        try:
+            self.lock_dir.rmdir()  # empty once released; another conversion may hold it again already
+        except OSError:
+            pass
+
+    def _start(self) -> None:
         if self.partial.exists():  # a killed conversion's leftover is removed; anything else is the user's
             if not (self.partial / PARTIAL_MARK).is_file():
                 raise FileExistsError(f"{self.partial}: exists and was not left by a cellgap conversion; move it away "
@@ -214,7 +276,6 @@ class PreparedWriter:
         for sub in ("images", "labels", "classes"):
             (self.partial / sub).mkdir(parents=True)
         (self.partial / PARTIAL_MARK).touch()
-        return self
 
     def add(self, tile_id: str, image: np.ndarray, label: np.ndarray, classes: np.ndarray | None = None,
             tissue: str = "", split: str = "", **extra) -> None:
@@ -222,6 +283,13 @@ class PreparedWriter:
             raise ValueError(f"{self.root}: duplicate tile id {tile_id!r}")
         if "/" in tile_id or "\\" in tile_id or tile_id.startswith("."):
             raise ValueError(f"tile id {tile_id!r}: must be a plain file name")
+        try:
+            tile_id.encode("utf-8")
+        except UnicodeEncodeError:  # a file name in another encoding, read by Python with surrogate escapes
+            shown = os.fsencode(tile_id).decode("utf-8", errors="backslashreplace")
+            raise ValueError(f"tile {shown!r}: its file name is not valid UTF-8 (the manifest and the bundles need "
+                             f"UTF-8 names); rename the file (e.g. `convmv -f latin1 -t utf8 --notest <files>`) and "
+                             f"convert again; nothing was written to {self.root}") from None
         check_tile(image, label, classes, where=f"tile {tile_id!r}", num_classes=self.info.num_classes)
         unknown = set(extra) - set(self.columns)
         if unknown:
@@ -237,6 +305,15 @@ class PreparedWriter:
         self.rows.append(row)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._finish(exc_type)
+        except BaseException:
+            shutil.rmtree(self.partial, ignore_errors=True)  # nothing half-written stays behind
+            raise
+        finally:
+            self._unlock()
+
+    def _finish(self, exc_type) -> None:
         if exc_type is not None:
             shutil.rmtree(self.partial, ignore_errors=True)
             return
@@ -247,5 +324,11 @@ class PreparedWriter:
         (self.partial / INFO).write_text(json.dumps(self.info.to_json(), indent=2), encoding="utf-8")
         (self.partial / PARTIAL_MARK).unlink()
         if self.root.exists():
-            shutil.rmtree(self.root)
-        os.replace(self.partial, self.root)
+            check_replaceable(self.root, self.inputs)  # again: it may have changed while the conversion ran
+            old = self.root.with_name(f".{self.root.name}.replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.root, old)  # the new folder is in place before the old one's files go
+            os.replace(self.partial, self.root)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.partial, self.root)

@@ -30,11 +30,10 @@ import torch
 from torch.utils.data import Sampler
 
 from ..targets import instance_classes
+from .registry import DATASETS
 
-OVERSAMPLING_PRESETS: dict[str, dict] = {
-    "pannuke": {"multipliers": (1.0, 1.0, 1.0, 1.0), "clip_percentile": 98.5},
-    "conic": {"multipliers": (1.6, 1.6, 0.9, 0.9, 0.9), "clip_percentile": 97.0},
-}
+# the datasets' presets, from their registry entries
+OVERSAMPLING_PRESETS: dict[str, dict] = {name: dict(spec.oversampling) for name, spec in DATASETS.items() if spec.oversampling}
 
 
 def instance_class_counts(label: np.ndarray, classes: np.ndarray | None, num_classes: int) -> np.ndarray:
@@ -190,6 +189,13 @@ class ClassBalancedSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def state_dict(self) -> dict:
+        """What a resumed training needs to draw the next epoch as an uninterrupted one would (cellgap.checkpoint)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.num_replicas)
 
@@ -206,9 +212,42 @@ class ClassBalancedSampler(Sampler[int]):
         return iter(draw[self.rank :: self.num_replicas].tolist())
 
 
+def training_sampler(datalist: Sequence[Mapping], batch_size: int, epoch_length: int | None = None,
+                     num_classes: int = 1, balanced: bool = False, preset: str | None = None,
+                     seed: int = 0) -> ClassBalancedSampler:
+    """The training loader's sampler: ``epoch_length`` full batches per epoch whatever the dataset's size.
+
+    ``epoch_length`` None: one pass over the tiles (``len // batch_size`` batches, at least one), or the
+    oversampled list's length when ``balanced``. Fewer tiles than the epoch needs are drawn with
+    replacement (a single large image gives every crop of the epoch); otherwise a seeded permutation
+    (uniform) or :func:`oversampling_weights` draws (``balanced``, with ``preset``'s multipliers from
+    :data:`OVERSAMPLING_PRESETS`). The draw is a multiple of ``batch_size``, so the loader's
+    ``drop_last`` never drops a batch: an epoch never runs zero steps.
+    """
+    tiles = len(datalist)
+    if tiles == 0:
+        raise ValueError("training datalist: no tiles; the training split of the dataset is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, (int, np.integer))
+                                     or epoch_length < 1):
+        raise ValueError(f"epoch_length: expected a positive number of steps or None (one pass), got {epoch_length!r}")
+    if balanced:
+        counts = dataset_class_counts(datalist, num_classes)
+        options = OVERSAMPLING_PRESETS.get(preset or "", {})
+        per_epoch = int(round(oversampling_weights(counts, **options).sum()))
+    else:
+        counts, options, per_epoch = np.ones((tiles, 1)), {}, tiles
+    steps = int(epoch_length) if epoch_length is not None else max(1, per_epoch // int(batch_size))
+    draws = steps * int(batch_size)
+    return ClassBalancedSampler(counts, balance=bool(balanced), num_samples=draws,
+                                replacement=bool(balanced) or draws > tiles, seed=seed, **options)
+
+
 __all__ = [
     "OVERSAMPLING_PRESETS",
     "ClassBalancedSampler",
+    "training_sampler",
     "dataset_class_counts",
     "instance_class_counts",
     "oversampling_weights",

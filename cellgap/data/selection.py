@@ -1,4 +1,4 @@
-"""Choosing a prepared dataset by name for a bundle run: ``dataset=synthetic|pannuke|conic|cytodark0|folder``.
+"""Choosing a prepared dataset by name for a bundle run: ``dataset=<name>`` of :data:`cellgap.data.registry.DATASETS`.
 
 The selection carries the dataset's facts (classes, magnification, minimum cell size, empty-image
 policy) and its protocol's split column, so bundles need no other configuration.  The built-in
@@ -25,6 +25,36 @@ class DatasetSelection:
     split_column: str
     empty_policy: str
 
+    # the facts a bundle config reads (``$@data.class_names`` …)
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info.class_names)
+
+    @property
+    def magnification(self):
+        return self.info.magnification
+
+    @property
+    def mpp(self) -> float:
+        return self.info.mpp
+
+    @property
+    def min_cell_size(self) -> int:
+        return self.info.cell_size
+
+    @property
+    def spec(self) -> registry.DatasetSpec:
+        return registry.get(self.name)
+
+    @property
+    def stain_stats(self) -> str | None:
+        """The augmentation's stain statistics for this dataset's stain kind (``DatasetSpec.stain_stats``)."""
+        return self.spec.stain_stats(self.info.stain_kind)
+
     def datalist(self, split: str) -> list[dict]:
         return datalist(self.root, split, self.split_column)
 
@@ -32,13 +62,9 @@ class DatasetSelection:
         """The metric protocol of this dataset and split (:class:`cellgap.metrics.protocol.Protocol`)."""
         from ..metrics.protocol import Protocol
 
-        preset = "custom"
-        if self.name in ("pannuke", "conic"):
-            preset = "cisca" if (self.protocol or "").startswith("cisca") else self.name
-        elif self.name == "cytodark0":
-            preset = "cisca"
         label = f"{self.name} {self.protocol or 'default'} protocol, {split} split"
-        return Protocol.for_dataset(self.info, preset=preset, split=label, empty_policy=self.empty_policy)
+        return Protocol.for_dataset(self.info, preset=self.spec.metric_preset(self.protocol), split=label,
+                                    empty_policy=self.empty_policy)
 
 
 def select_dataset(name: str, dataset_dir: str | os.PathLike, protocol: str | None = None,

@@ -232,3 +232,120 @@ def describe(columns: Mapping[str, Sequence[str]]) -> str:
         sizes = split_sizes(values)
         lines.append(f"{name}: " + " / ".join(f"{k} {v}" for k, v in sizes.items()))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation held out of the training split when a dataset has none
+# --------------------------------------------------------------------------------------------------
+HOLDOUT_FRACTION = 0.1
+# From this many training images on, whole images are held out; fewer give validation tiles cut from each.
+HOLDOUT_MIN_IMAGES = 4
+
+
+def holdout_validation(data, train_split: str = "train", val_split: str = "val", validation: bool = True,
+                       fraction: float = HOLDOUT_FRACTION, seed: int = CISCA_SEED,
+                       holdout_dir: str | os.PathLike | None = None, tile_side: int = 256, crop_side: int = 256,
+                       say=print) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items) of a dataset selection (``data.datalist(split)``).
+
+    * ``validation`` False: the training split and no validation (training keeps its last checkpoint).
+    * The dataset has a ``val_split``: both splits as they are.
+    * Otherwise a seeded share of the *training* images is held out, with a message (``say``); test rows
+      are never read. With at least :data:`HOLDOUT_MIN_IMAGES` images, ``ceil(fraction · n)`` whole images
+      (stratified by tissue); with fewer, a strip ``tile_side`` wide along one edge of each image (edge
+      chosen by the seed) is cut into ``tile_side``² validation tiles and the rest of the image, at least
+      ``crop_side`` wide, trains.
+      The pieces are written to ``holdout_dir`` (images, labels, classes), the dataset stays untouched.
+      An image too small to give both a tile and a training crop is an error that names the fixes.
+    """
+    train = data.datalist(train_split)
+    if not validation:
+        return train, []
+    try:
+        return train, data.datalist(val_split)
+    except ValueError as error:
+        if "no tile has" not in str(error):
+            raise
+    root = getattr(data, "root", "the dataset")
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction: expected a share strictly between 0 and 1, got {fraction!r}")
+    if len(train) >= HOLDOUT_MIN_IMAGES:
+        held = stratified_split([item.get("tissue", "") for item in train], fraction, np.random.default_rng(seed))
+        say(f"no {val_split!r} split in {root}: holding out {int(held.sum())} of the {len(train)} training images "
+            f"(seed {seed}) for model selection and min-cell-size tuning; the test split is not touched")
+        return [t for t, h in zip(train, held) if not h], [t for t, h in zip(train, held) if h]
+    if holdout_dir is None:
+        raise ValueError(f"no {val_split!r} split in {root} and only {len(train)} training image(s): a holdout_dir is "
+                         "needed to write the validation tiles cut from them")
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for item in train:
+        pieces = _cut_validation_strip(item, Path(holdout_dir), int(tile_side), int(crop_side), rng, val_split)
+        kept.append(pieces[0])
+        held.extend(pieces[1])
+    say(f"no {val_split!r} split in {root} and only {len(train)} training image(s): holding out {len(held)} tile(s) "
+        f"of {tile_side}² cut from one edge of each (seed {seed}, written to {holdout_dir}) for model selection and "
+        "min-cell-size tuning; training crops come from the rest; the test split is not touched")
+    return kept, held
+
+
+def _cut_validation_strip(item: Mapping, out: Path, side: int, crop: int, rng: np.random.Generator,
+                          val_split: str) -> tuple[dict, list[dict]]:
+    """(training item for the image minus a ``side``-wide edge strip, validation items for the strip's tiles)."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    from ..atomic import atomic_write_bytes
+    from .native import read_label_image, read_rgb, sequential
+
+    image = read_rgb(item["image"])
+    height, width = image.shape[:2]
+    maps = {"label": read_label_image(item["label"])}
+    if item.get("classes"):
+        maps["classes"] = read_label_image(item["classes"])
+    if width >= side + crop and height >= side:
+        axis = 1
+    elif height >= side + crop and width >= side:
+        axis = 0
+    else:
+        raise ValueError(
+            f"{item['image']}: {height}×{width} is too small to hold out a {side}² validation tile and keep a {crop}² "
+            f"training crop (no {val_split!r} split in the dataset); add a {val_split!r} split (split.csv), train "
+            f"with a smaller --crop, or train without validation (--no-val)")
+    length = image.shape[axis]
+    at_end = bool(rng.integers(2))
+    strip = slice(length - side, length) if at_end else slice(0, side)
+    rest = slice(0, length - side) if at_end else slice(side, length)
+
+    def part(array: np.ndarray, along: slice, across: slice | None = None) -> np.ndarray:
+        index = [slice(None), slice(None)]
+        index[axis] = along
+        if across is not None:
+            index[1 - axis] = across
+        return np.ascontiguousarray(array[tuple(index)])
+
+    def write(name: str, rgb: np.ndarray, pieces: dict) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+        entry = {"id": name, "tissue": item.get("tissue", ""), "image": str(atomic_write_bytes(out / "images" / f"{name}.png",
+                                                                                              buffer.getvalue()))}
+        for key, array in pieces.items():
+            buffer = io.BytesIO()
+            array = sequential(array) if key == "label" else array.astype(np.uint8)
+            tifffile.imwrite(buffer, array, compression="zlib")
+            folder = "labels" if key == "label" else "classes"
+            entry[key] = str(atomic_write_bytes(out / folder / f"{name}.tif", buffer.getvalue()))
+        entry.setdefault("classes", "")
+        return entry
+
+    name = str(item.get("id") or Path(item["image"]).stem)
+    training = write(f"{name}_train", part(image, rest), {k: part(v, rest) for k, v in maps.items()})
+    validation = []
+    across = image.shape[1 - axis]
+    for k in range(across // side):
+        window = slice(k * side, (k + 1) * side)
+        validation.append(write(f"{name}_val{k}", part(image, strip, window),
+                                {key: part(v, strip, window) for key, v in maps.items()}))
+    return training, validation

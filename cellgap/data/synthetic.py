@@ -36,7 +36,7 @@ from scipy import ndimage
 from skimage.draw import disk as draw_disk
 from tqdm.auto import tqdm
 
-from ..magnification import MagnificationProfile, profile_for
+from ..magnification import MagnificationProfile, parse_magnification, profile_for
 from .prepared import SPLITS, DatasetInfo, PreparedWriter, read_dataset_info, read_manifest
 
 SYNTHETIC_CLASSES = ("tumour", "lymphocyte", "stromal")
@@ -97,7 +97,7 @@ class SyntheticTile:
 def synthetic_profile(magnification: int | str) -> MagnificationProfile:
     """The magnification profile of a synthetic tile; only the two reference profiles (20x, 40x) exist."""
     profile = profile_for(magnification=magnification)
-    if float(str(magnification).strip().lower().rstrip("x")) != profile.magnification:
+    if parse_magnification(magnification) != profile.magnification:
         raise ValueError(f"magnification: synthetic tiles exist at 20x and 40x, got {magnification!r}")
     return profile
 

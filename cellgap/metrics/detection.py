@@ -44,9 +44,3 @@ def detection_counts(gt_xy: np.ndarray, pred_xy: np.ndarray, radius: float) -> d
     tp = len(g)
     return {"tp": tp, "fp": len(np.asarray(pred_xy).reshape(-1, 2)) - tp, "fn": len(np.asarray(gt_xy).reshape(-1, 2)) - tp}
 
-
-def detection_scores(tp: float, fp: float, fn: float) -> dict[str, float]:
-    """Precision TP/(TP+FP), recall TP/(TP+FN), F1 2TP/(2TP+FP+FN); NaN where a denominator is 0."""
-    def div(a, b):
-        return a / b if b > 0 else float("nan")
-    return {"precision": div(tp, tp + fp), "recall": div(tp, tp + fn), "f1": div(2 * tp, 2 * tp + fp + fn)}

@@ -8,7 +8,6 @@ Nothing here depends on the other images; :mod:`cellgap.metrics.aggregation` com
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,10 +109,3 @@ def score_image(
         count_pred=classification.class_counts(pred_cls, ov.pred_in_region, num_classes),
     )
 
-
-def check_finite_score(score: ImageScore) -> None:
-    """Raise if a count is NaN/inf (per-image scores may be NaN only for empty GT, by policy)."""
-    for key in COUNTS:
-        v = score.values[key]
-        if not math.isfinite(v):
-            raise ValueError(f"image {score.image_id!r}: count {key} is {v}; expected a finite number")

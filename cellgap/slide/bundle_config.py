@@ -12,16 +12,16 @@ from .tiling import DEFAULT_TILE
 
 
 def segment_config() -> dict:
+    path_in = "cellgap.workflow.path_in"
     return {
-        "imports": ["$import os", "$import torch", "$import cellgap", "$import cellgap.slide.command", "$import cellgap.slide.run"],
         "bundle_root": ".",
-        "ckpt_path": "$os.path.join(@bundle_root, 'models', 'model.pt')",
-        "_desc_input": "slides, images, folders of them or @list files (a list of strings or one string)",
-        "input": "$os.path.join(@bundle_root, 'data', 'slides')",
-        "out": "$os.path.join(@bundle_root, 'runs', 'segment')",
-        "_desc_encoder_weights": "None: 'hub', or the random encoder stored in the checkpoint; or a local folder / file",
+        "ckpt_path": {"_target_": path_in, "folder": "@bundle_root", "name": "models", "subfolder": "model.pt"},
+        "_desc_input": "slides, images, folders of them or @list files (one string or a list of strings)",
+        "input": {"_target_": path_in, "folder": "@bundle_root", "name": "data", "subfolder": "slides"},
+        "out": {"_target_": path_in, "folder": "@bundle_root", "name": "runs", "subfolder": "segment"},
+        "_desc_encoder_weights": "None: what the checkpoint names (its stored random encoder, or the hub); or a local folder / file",
         "encoder_weights": None,
-        "device": "$'cuda' if torch.cuda.is_available() else 'cpu'",
+        "device": {"_target_": "cellgap.workflow.default_device"},
         "_desc_mpp": "level-0 µm per pixel for slides that record none (None: from the file)",
         "mpp": None,
         "roi": None,
@@ -35,6 +35,6 @@ def segment_config() -> dict:
         "options": {"_target_": "cellgap.slide.run.SlideOptions", "mpp": "@mpp", "roi": "@roi", "tile_size": "@tile_size",
                     "batch_size": "@batch_size", "workers": "@num_workers", "postprocess_workers": "@postprocess_workers",
                     "gzip": "@gzip", "labels": "@labels", "overwrite": "@overwrite"},
-        "run": ["$cellgap.slide.command.segment_slides(@input if isinstance(@input, list) else [@input], @ckpt_path, @out, "
-                "encoder_weights=@encoder_weights, device=@device, options=@options)"],
+        "run": [{"_target_": "cellgap.slide.command.segment_slides", "inputs": "@input", "model": "@ckpt_path",
+                 "out": "@out", "encoder_weights": "@encoder_weights", "device": "$str(@device)", "options": "@options"}],
     }

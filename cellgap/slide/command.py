@@ -87,17 +87,26 @@ def _distributed() -> tuple[int, int, bool]:
 
 
 def load(model: str, encoder_weights: str | None, device: str) -> LoadedModel:
-    from .model import load_model
+    """The network of ``--model`` (a checkpoint file, a bundle folder or a run folder), rebuilt from its checkpoint
+    alone with the encoder it was trained with (``cellgap.checkpoint.load_network``)."""
+    import torch
 
-    network, meta, path = load_model(model, encoder_weights=encoder_weights, device=device)
+    from ..checkpoint import load_network, model_file
+
+    path = model_file(model)
+    network, meta = load_network(path, encoder_weights=encoder_weights, device=device)
+    network.prepare_layout(torch.device(device))
     return LoadedModel(network=network, meta=meta, checkpoint=str(path), checkpoint_sha256=file_sha256(path))
 
 
-def segment_slides(inputs: list[str], model: str | LoadedModel, out: str, encoder_weights: str | None = None,
+def segment_slides(inputs: str | list[str], model: str | LoadedModel, out: str, encoder_weights: str | None = None,
                    device: str | None = None, options: SlideOptions | None = None) -> list[dict]:
-    """Segment every slide of ``inputs`` into ``out``; this rank's summaries (finished slides: status 'skipped')."""
+    """Segment every slide of ``inputs`` (one path or a list) into ``out``; this rank's summaries (finished
+    slides: status 'skipped')."""
     import torch
 
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     options = options or SlideOptions()
     options.device = device or options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, joined = _distributed()

@@ -1,4 +1,5 @@
-"""A grid cell on disk: its id and folder, its ``cell.json`` record, when it counts as done, its test results."""
+"""A run of the study grid on disk (one encoder × split): its id and folder, its ``cell.json`` record, when it counts as
+done, its test results."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ CELL_FILE = "cell.json"
 HEADLINE_METRICS = ("pq", "bpq", "mpq", "mpq+", "aji", "dice", "f1d", "dq", "sq", "aji+", "r2")
 
 
-def cell_id(dataset: str, split: str, encoder: str) -> str:
+def run_id(dataset: str, split: str, encoder: str) -> str:
     return f"{dataset}/{split}/{encoder}"
 
 
-def cell_dir(study_dir: Path, dataset: str, split: str, encoder: str) -> Path:
+def run_dir(study_dir: Path, dataset: str, split: str, encoder: str) -> Path:
     return study_dir / "cells" / dataset / split / encoder
 
 
@@ -33,8 +34,8 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def cell_fingerprint(plan: StudyPlan, split: SplitSpec, encoder: str) -> str:
-    """What makes a cell's numbers: a changed setting reruns the cell instead of reusing stale results."""
+def run_fingerprint(plan: StudyPlan, split: SplitSpec, encoder: str) -> str:
+    """What makes a run's numbers: a run finished under other settings is never reused or mixed."""
     key = {"dataset": plan.dataset, "split": asdict(split), "encoder": encoder, "weights": plan.encoder_weights[encoder],
            "overrides": plan.overrides, "min_cell_sizes": plan.min_cell_sizes}
     text = json.dumps(jsonable(key), sort_keys=True, default=str)
@@ -47,8 +48,8 @@ def is_done(record: dict | None, cell: Path, fingerprint: str) -> bool:
 
 
 @dataclass
-class CellResult:
-    """The test results of one finished cell."""
+class RunResult:
+    """The test results of one finished run."""
 
     encoder: str
     split: str
@@ -71,26 +72,52 @@ def _csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def load_cells(study_dir: Path, plan: StudyPlan) -> tuple[dict[tuple[str, str], CellResult], list[dict]]:
-    """(encoder, split) → results of every finished cell, and the status of every cell of the grid."""
+def _load_result(run_folder: Path, record: dict, encoder: str, split: str) -> RunResult:
+    """A finished run's test results; ValueError naming the file that cannot be read."""
+    from ..metrics.report import read_per_image_csv
+
+    path = run_folder / "eval_test" / "summary.json"
+    summary = read_json(path)
+    if summary is None or not isinstance(summary.get("metrics"), dict) or not isinstance(summary.get("protocol"), dict):
+        raise ValueError(f"{path.relative_to(run_folder)} unreadable or without metrics/protocol")
+    tables = {}
+    for name in ("per_image", "per_class", "per_tissue"):
+        path = run_folder / "eval_test" / f"{name}.csv"
+        try:
+            if name == "per_image":
+                read_per_image_csv(path, summary.get("class_names"))
+            else:
+                tables[name] = _csv_rows(path)
+        except (OSError, ValueError, UnicodeDecodeError, csv.Error) as e:
+            raise ValueError(f"{path.relative_to(run_folder)}: {e}") from None
+    return RunResult(encoder, split, record, run_folder, summary, tables["per_class"], tables["per_tissue"])
+
+
+def load_runs(study_dir: Path, plan: StudyPlan) -> tuple[dict[tuple[str, str], RunResult], list[dict]]:
+    """(encoder, split) → results of every finished run, and the state of every run of the grid: done, running
+    (another job holds it), failed, todo (never run, or under other options), changed (finished under other
+    options), corrupt (finished, but a file of its results cannot be read: reported, the others merged)."""
+    from .grid import grid_runs, run_state
+
     done, statuses = {}, []
-    for split in plan.splits:
-        for encoder in plan.encoders:
-            cell = cell_dir(study_dir, plan.dataset, split.name, encoder)
-            record = read_json(cell / CELL_FILE)
-            fingerprint = cell_fingerprint(plan, split, encoder)
-            status = "missing" if record is None else record.get("status", "?")
-            if record is not None and record.get("fingerprint") != fingerprint:
-                status = f"stale ({status}; other settings)"
-            statuses.append({"encoder": encoder, "split": split.name, "status": status, "record": record or {}})
-            if is_done(record, cell, fingerprint):
-                summary = read_json(cell / "eval_test" / "summary.json")
-                done[(encoder, split.name)] = CellResult(encoder, split.name, record, cell, summary,
-                                                         _csv_rows(cell / "eval_test" / "per_class.csv"),
-                                                         _csv_rows(cell / "eval_test" / "per_tissue.csv"))
+    for run in grid_runs(study_dir, plan):
+        state = run_state(run, plan)
+        status, detail = state.state, state.detail
+        if status == "done":
+            try:
+                done[(run.encoder, run.split.name)] = _load_result(run.folder, state.record, run.encoder, run.split.name)
+            except ValueError as e:
+                status, detail = "corrupt", str(e)
+        statuses.append({"encoder": run.encoder, "split": run.split.name, "status": status, "detail": detail,
+                         "record": state.record or {}})
     return done, statuses
 
 
-def cells_of(done: dict[tuple[str, str], CellResult], encoder: str) -> list[CellResult]:
-    """The finished cells of one encoder, in grid order."""
+def missing_splits(plan: StudyPlan, done: dict, encoders: list[str]) -> dict[str, list[str]]:
+    """Encoder → the grid's splits it has no finished run of (empty when complete)."""
+    return {e: [s.name for s in plan.splits if (e, s.name) not in done] for e in encoders}
+
+
+def runs_of(done: dict[tuple[str, str], RunResult], encoder: str) -> list[RunResult]:
+    """The finished runs of one encoder, in grid order."""
     return [c for k, c in done.items() if k[0] == encoder]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
+from .grid import STATES, grid_states
 from .results import write_results
-from .runner import StudyReport, run_study
+from .runner import StudyReport, make_plan, run_study
 
 
 def _json_arg(text: str):
@@ -19,7 +22,7 @@ def _json_arg(text: str):
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The study's options, added to ``parser``."""
-    parser.add_argument("study_dir", help="folder of the study (cells/ and results/ go there)")
+    parser.add_argument("study_dir", help="folder of the study (its runs in cells/, and results/)")
     parser.add_argument("--encoders", nargs="+", default=["study"],
                         help="registry keys or groups: study (default), extra, all; e.g. convnext_b_22k uni")
     parser.add_argument("--dataset", default="synthetic", help="synthetic | pannuke | conic | cytodark0 | folder")
@@ -45,17 +48,73 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--gap-metrics", nargs="+", help="metrics of the gap table (default mpq+ bpq, or pq f1d for one class)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the gap table")
     parser.add_argument("--permutations", type=int, default=5000, help="permutations of the gap table's paired test")
-    parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamples of each cell's test CIs")
+    parser.add_argument("--eval-bootstrap", type=int, default=1000, help="bootstrap resamples of each run's test CIs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the gap statistics")
-    parser.add_argument("--no-resume", action="store_true", help="rerun every cell, even finished ones")
-    parser.add_argument("--results-only", action="store_true", help="only rewrite results/ from the finished cells")
+    parser.add_argument("--no-resume", action="store_true", help="rerun every run, even finished ones")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="rerun the runs finished under other options (default: refuse to mix them)")
+    jobs = parser.add_argument_group("one run per job (docs/study.md: Slurm, GNU parallel, torchrun)")
+    jobs.add_argument("--list", action="store_true",
+                      help="print every run of the grid (id, encoder, dataset, split, state) and the command of each unfinished one")
+    jobs.add_argument("--only", nargs="+", metavar="RUN_ID", help="run only these runs (ids from --list); results not written")
+    jobs.add_argument("--results-only", action="store_true",
+                      help="only rewrite results/ from the finished runs (the missing ones are named and marked)")
+    jobs.add_argument("--dry-run", action="store_true",
+                      help="print training steps, FLOPs per step, GPU hours and embedding-cache disk per run; run nothing")
+    jobs.add_argument("--tiles-per-second", action="append", default=[], metavar="[ENCODER=]N",
+                      help="training throughput for --dry-run (default: the H100 figures of docs/benchmarks.md); repeatable")
+    parser.set_defaults(study_parser=parser)
     return parser
 
 
-def run_study_from_args(args: argparse.Namespace) -> StudyReport | Path:
-    """Run the grid the options describe, or with ``--results-only`` rewrite only its results."""
-    if args.results_only:
-        return write_results(args.study_dir)
+# Options that choose what a command does, not which grid: left out of the per-run commands --list prints.
+_ACTION_OPTIONS = {"list", "only", "results_only", "dry_run", "tiles_per_second", "help"}
+
+
+def _absolute_weights(item: str) -> str:
+    """``[ENCODER=]PATH`` with an existing local PATH made absolute (a job may start in another folder)."""
+    key, sep, value = str(item).partition("=")
+    if not sep:
+        key, value = "", key
+    path = Path(value).expanduser()
+    if value not in ("hub", "random", "none") and path.exists():
+        value = str(path.resolve())
+    return f"{key}{sep}{value}"
+
+
+def command_line(args: argparse.Namespace, only: list[str] | None = None) -> str:
+    """The shell command that runs this grid (the runs ``only`` names), rebuilt from the parsed options; folders
+    absolute so that it runs from any directory (a Slurm job, another shell)."""
+    parser: argparse.ArgumentParser = args.study_parser
+    words = ["python", "-m", "cellgap.study"]
+    for action in parser._actions:  # argparse has no public iterator over its options
+        if action.dest in _ACTION_OPTIONS or action.dest == "study_parser":
+            continue
+        value = getattr(args, action.dest, None)
+        if action.dest in ("study_dir", "dataset_dir") and value is not None:
+            value = str(Path(value).expanduser().resolve())
+        if not action.option_strings:
+            words.append(str(value))
+            continue
+        if value is None or value == action.default or value == []:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            words.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                words += [flag, _absolute_weights(item) if action.dest == "weights" else str(item)]
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    if only:
+        words += ["--only", *only]
+    return shlex.join(words)
+
+
+def _study_kwargs(args: argparse.Namespace) -> dict:
+    """run_study's arguments from the options."""
     overrides: dict = {}
     for name in ("epochs", "epoch_length", "batch_size", "learning_rate", "num_workers"):
         value = getattr(args, name)
@@ -81,7 +140,70 @@ def run_study_from_args(args: argparse.Namespace) -> StudyReport | Path:
         if not sep:
             key, value = "*", item
         weights[key.strip()] = value.strip()
-    return run_study(args.study_dir, args.encoders, args.dataset, args.dataset_dir, args.splits, overrides,
-                     weights or "hub", args.min_cell_sizes, resume=not args.no_resume, gap_metrics=args.gap_metrics,
-                     bootstrap=args.bootstrap, permutations=args.permutations, seed=args.seed,
-                     eval_bootstrap=args.eval_bootstrap)
+    return {"study_dir": args.study_dir, "encoders": args.encoders, "dataset": args.dataset, "dataset_dir": args.dataset_dir,
+            "splits": args.splits, "overrides": overrides, "encoder_weights": weights or "hub",
+            "min_cell_sizes": args.min_cell_sizes, "gap_metrics": args.gap_metrics, "bootstrap": args.bootstrap,
+            "permutations": args.permutations, "seed": args.seed, "eval_bootstrap": args.eval_bootstrap}
+
+
+def list_runs(args: argparse.Namespace, out=None) -> list:
+    """``--list``: every run of the grid with its state, and the command of each unfinished one."""
+    out = out or sys.stdout
+    plan = make_plan(**_study_kwargs(args))
+    study_dir = Path(args.study_dir).expanduser().resolve()
+    states = grid_states(study_dir, plan)
+    rows = [(s.run.id, s.run.encoder, plan.dataset, s.run.split.name, s.state) for s in states]
+    widths = [max(len(r[i]) for r in [("run", "encoder", "dataset", "split", "state"), *rows]) for i in range(5)]
+    for r in [("run", "encoder", "dataset", "split", "state"), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip(), file=out)
+    counts = {k: sum(s.state == k for s in states) for k in STATES}
+    print(f"\n{len(states)} run(s): " + ", ".join(f"{n} {k}" for k, n in counts.items() if n), file=out)
+    for s in states:
+        if s.detail:
+            print(f"# {s.run.id} ({s.state}): {s.detail}", file=out)
+    todo = [s for s in states if s.state in ("todo", "failed")]
+    if todo:
+        print("\n# the command of each unfinished run (one per job):", file=out)
+        for s in todo:
+            print(command_line(args, [s.run.id]), file=out)
+    if counts["changed"]:
+        print("\n# 'changed' runs were finished under other options: rerun with those options, or add --rerun-changed",
+              file=out)
+    return states
+
+
+def run_study_from_args(args: argparse.Namespace) -> StudyReport | Path | list:
+    """Run the grid the options describe; ``--list``, ``--dry-run`` and ``--results-only`` do what they say instead."""
+    if args.list:
+        return list_runs(args)
+    if args.dry_run:
+        from .estimate import print_estimate
+
+        return print_estimate(make_plan(**_study_kwargs(args)), Path(args.study_dir).expanduser().resolve(),
+                              args.tiles_per_second, only=args.only)
+    if args.results_only:
+        return write_results(args.study_dir)
+    kwargs = _study_kwargs(args)
+    return run_study(**kwargs, resume=not args.no_resume, only=args.only, rerun_changed=args.rerun_changed)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m cellgap.study") -> int:
+    """``python -m cellgap.study`` (and under ``torchrun``): 0 when every chosen run finished, 1 when one failed or
+    another job held it, 2 for options that cannot run (named in the message)."""
+    from ..locking import OutputLockedError
+
+    parser = add_study_arguments(argparse.ArgumentParser(prog=prog, description="the encoders × splits study (docs/study.md)"))
+    args = parser.parse_args(argv)
+    try:
+        outcome = run_study_from_args(args)
+    except (ValueError, FileNotFoundError, OutputLockedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(outcome, StudyReport) and (outcome.failed or outcome.busy):
+        if outcome.failed:
+            print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; see their cell.json "
+                  f"(and {Path(outcome.results_dir) / 'runs.md'} once the results are written)", file=sys.stderr)
+        if outcome.busy:
+            print(f"{len(outcome.busy)} run(s) held by another job, not run here: {', '.join(outcome.busy)}", file=sys.stderr)
+        return 1
+    return 0

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from ..encoders import get_encoder_spec
-from .cells import CellResult
+from .cells import RunResult
 from .plan import StudyPlan
-from .tables import encoder_label, fmt, write_table
+from .tables import encoder_label, fmt, incomplete_notes, write_table
 
 GAP_COLUMNS = ["metric", "encoder", "reference", "split", "encoder_value", "reference_value", "difference", "ci_low",
                "ci_high", "p_bootstrap", "p_permutation", "n_images", "n_splits"]
 
 
-def _cell_table_and_protocol(cell: CellResult):
-    """A finished cell's per-image test scores and the metric protocol they were computed with."""
+def _run_table_and_protocol(cell: RunResult):
+    """A finished run's per-image test scores and the metric protocol they were computed with."""
     from ..metrics.protocol import Protocol
     from ..metrics.report import read_per_image_csv
 
@@ -101,7 +101,7 @@ def gap_table(plan: StudyPlan, done: dict, encoders: list[str], summary_stats: d
     general = [e for e in encoders if get_encoder_spec(e).domain == "general"]
     pathology = [e for e in encoders if get_encoder_spec(e).domain == "pathology"]
     if not general or not pathology:
-        notes.append("No gap table: the finished cells need at least one general-purpose and one pathology encoder "
+        notes.append("No gap table: the finished runs need at least one general-purpose and one pathology encoder "
                      f"(general: {general or 'none'}; pathology: {pathology or 'none'}).")
         return rows, notes
     split_names = [s.name for s in plan.splits]
@@ -119,8 +119,8 @@ def gap_table(plan: StudyPlan, done: dict, encoders: list[str], summary_stats: d
                 continue
             pairs = []
             for s in common:
-                ta, protocol = _cell_table_and_protocol(done[(e, s)])
-                tb, _ = _cell_table_and_protocol(done[(best, s)])
+                ta, protocol = _run_table_and_protocol(done[(e, s)])
+                tb, _ = _run_table_and_protocol(done[(best, s)])
                 stratified = protocol.averaging == "tissue"
                 try:
                     boot = paired_bootstrap(ta, tb, protocol, metric, n_resamples=plan.bootstrap, confidence=plan.confidence,
@@ -132,17 +132,23 @@ def gap_table(plan: StudyPlan, done: dict, encoders: list[str], summary_stats: d
                 rows.append([metric, e, best, s, boot["a"], boot["b"], boot["difference"], boot["low"], boot["high"],
                              boot["p_value"], perm["p_value"], boot["n_images"], 1])
                 pairs.append((ta, tb, protocol))
+            left_out = [s for s in split_names if s not in common]
+            if left_out:
+                notes.append(f"{metric}, {e} vs {best}: INCOMPLETE, the row 'all' averages "
+                             f"{len(common)} of {len(split_names)} splits; no run of both on {', '.join(left_out)}.")
             if pairs:
                 pooled = pooled_paired_statistics(pairs, metric, plan.bootstrap, plan.permutations, plan.confidence, plan.seed)
-                rows.append([metric, e, best, "all (mean over splits)", pooled["a"], pooled["b"], pooled["difference"],
+                label = "all (mean over splits)" if not left_out else f"all (mean over {len(common)} of {len(split_names)} splits)"
+                rows.append([metric, e, best, label, pooled["a"], pooled["b"], pooled["difference"],
                              pooled["low"], pooled["high"], pooled["p_bootstrap"], pooled["p_permutation"],
                              pooled["n_images"], pooled["n_splits"]])
     return rows, notes
 
 
-def write_gap(results: Path, head: list[str], rows: list[list], notes: list[str], plan: StudyPlan) -> None:
+def write_gap(results: Path, head: list[str], rows: list[list], notes: list[str], plan: StudyPlan,
+              missing: dict[str, list[str]] | None = None) -> None:
     conf = int(round(plan.confidence * 100))
-    md = [[r[0], encoder_label(r[1], plan), encoder_label(r[2], plan), r[3], fmt(r[4]), fmt(r[5]), f"{r[6]:+.3f}",
+    md = [[r[0], encoder_label(r[1], plan, missing), encoder_label(r[2], plan, missing), r[3], fmt(r[4]), fmt(r[5]), f"{r[6]:+.3f}",
            f"[{fmt(r[7])}, {fmt(r[8])}]", fmt(r[9], 4), fmt(r[10], 4), r[11]] for r in rows]
     explain = [
         f"difference = encoder − reference (best general-purpose encoder by the mean over splits of the metric); "
@@ -155,4 +161,5 @@ def write_gap(results: Path, head: list[str], rows: list[list], notes: list[str]
     write_table(results, "gap", "Gap: pathology encoders vs the best general-purpose encoder", head,
                 GAP_COLUMNS, rows,
                 ["metric", "encoder", "reference", "split", "encoder", "reference", "difference", f"{conf}% CI",
-                 "p (bootstrap)", "p (permutation)", "images"], md, notes=explain + notes)
+                 "p (bootstrap)", "p (permutation)", "images"], md,
+                notes=explain + notes + incomplete_notes(missing or {}, len(plan.splits)))

@@ -1,28 +1,34 @@
-"""Running the grid: every (split, encoder) cell trained, its minimum cell size chosen on val, tested; resumable.
+"""Running the grid: every run (one encoder × split) trained, its minimum cell size chosen on val, tested; resumable.
 
-A cell runs in three stages through its encoder's bundle — train, select (:mod:`.selection`), evaluate — and
-``cell.json`` is written atomically after each.  A cell that raises is recorded as ``"failed"`` and the grid
-goes on; a rerun skips cells done with unchanged settings, resumes a cell interrupted after training at the
-selection stage and restarts anything else cleanly.
+A run goes through three stages in its encoder's bundle — train, select (:mod:`.selection`), evaluate — and
+``cell.json`` is written atomically after each.  A run that raises is recorded as ``"failed"`` and the grid
+goes on; a rerun skips runs done with unchanged settings, resumes a run interrupted after training at the
+selection stage and restarts anything else cleanly.  Each run holds its folder's lock while it runs; under
+``torchrun`` each rank runs its share of the runs.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 import shutil
+import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import write_json
 from ..encoders import get_encoder_spec
+from ..locking import OutputLockedError, output_lock
 from .bundles import bundle_root, cell_overrides, error_chain, quiet_warnings, run_bundle
-from .cells import CELL_FILE, HEADLINE_METRICS, cell_dir, cell_fingerprint, cell_id, is_done, read_json
+from .cells import CELL_FILE, HEADLINE_METRICS, is_done, read_json, run_dir, run_fingerprint, run_id
+from .grid import check_options, grid_states, select_runs, settings_of
 from .plan import STUDY_FILE, SplitSpec, StudyPlan, encoder_list, resolve_splits, weights_kind, weights_table
 from .provenance import now, versions
 from .results import write_results
@@ -38,7 +44,8 @@ class StudyReport:
     ran: list[str]
     skipped: list[str]
     failed: list[str]
-    cells: dict[str, dict]
+    runs: dict[str, dict]
+    busy: list[str] = field(default_factory=list)  # runs skipped because another job held them
 
 
 def _log_selection(cell: Path, selection: dict, test_metrics: dict) -> None:
@@ -60,10 +67,10 @@ def _log_selection(cell: Path, selection: dict, test_metrics: dict) -> None:
         writer.close()
 
 
-def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, previous: dict | None, resume: bool,
-              say: Callable[[str], None]) -> dict:
-    cell = cell_dir(study_dir, plan.dataset, split.name, encoder)
-    fingerprint = cell_fingerprint(plan, split, encoder)
+def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, previous: dict | None, resume: bool,
+             say: Callable[[str], None], device: str | None = None, launch: dict | None = None) -> dict:
+    cell = run_dir(study_dir, plan.dataset, split.name, encoder)
+    fingerprint = run_fingerprint(plan, split, encoder)
     checkpoint = cell / "models" / "model.pt"
     prev_stages = (previous or {}).get("stages", {})
     reuse_train = bool(resume and previous and previous.get("fingerprint") == fingerprint
@@ -77,17 +84,18 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
             shutil.rmtree(cell / sub, ignore_errors=True)
     weights = plan.encoder_weights[encoder]
     record = {
-        "status": "running", "cell": cell_id(plan.dataset, split.name, encoder), "encoder": encoder,
+        "status": "running", "run": run_id(plan.dataset, split.name, encoder), "encoder": encoder,
         "domain": get_encoder_spec(encoder).domain, "dataset": plan.dataset, "split": split.name,
         "protocol": split.protocol, "data_seed": split.data_seed, "training_seed": plan.overrides.get("seed", 0),
         "encoder_weights": {"kind": weights_kind(weights), "value": weights},
         "random_weights": weights == "random", "reduced_encoder": bool(plan.overrides.get("reduced_encoder", False)),
-        "fingerprint": fingerprint, "overrides": plan.overrides, "attempt": int((previous or {}).get("attempt", 0)) + 1,
+        "fingerprint": fingerprint, "settings": settings_of(plan, split, encoder), "overrides": plan.overrides, "attempt": int((previous or {}).get("attempt", 0)) + 1,
         "started": now(), "finished": None, "stages": {"train": prev_stages.get("train", {})} if reuse_train else {},
         "timings": dict((previous or {}).get("timings", {})) if reuse_train else {},
         "paths": {"cell": str(cell.relative_to(study_dir)), "checkpoint": "models/model.pt", "tensorboard": "runs",
                   "selection": "select_val", "evaluation": "eval_test"},
         "versions": versions(), "history": history,
+        "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": device or "bundle default", **(launch or {})},
     }
     path = cell / CELL_FILE
     write_json(path, record)
@@ -97,6 +105,11 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
         root = bundle_root(encoder, plan, study_dir)
         record["bundle"] = root.name
         overrides = cell_overrides(plan, split, encoder, cell, root)
+        if device is not None:  # this rank's own device (torchrun), not part of the run's settings
+            overrides["device"] = f"$torch.device('{device}')"
+        if plan.dataset == "synthetic":
+            stage = "data"
+            _prepare_synthetic(Path(plan.dataset_dir), split, overrides["synthetic"])
         if reuse_train:
             say(f"  train: reusing the finished training ({checkpoint.relative_to(study_dir)})")
         else:
@@ -136,7 +149,7 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
                           "class_names": summary.get("class_names")}
         _log_selection(cell, selection, summary["metrics"])
         record["status"] = "done"
-    except Exception as e:  # one cell's crash must not stop the grid
+    except Exception as e:  # one run's crash must not stop the grid
         record["status"] = "failed"
         chain = error_chain(e)
         record["error"] = {"stage": stage, "type": type(e).__name__, "message": chain[-1], "chain": chain,
@@ -154,13 +167,110 @@ def _run_cell(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, 
     return record
 
 
+def _prepare_synthetic(root: Path, split: SplitSpec, params: dict, patience_s: float = 3600) -> None:
+    """Generate a split's synthetic data once, even when several jobs start its runs at the same moment (the
+    first takes the data folder's lock and writes it; the others wait, then find it made)."""
+    from ..data import registry
+
+    deadline = time.time() + patience_s
+    while True:
+        try:
+            with output_lock(root, "study synthetic data"):
+                registry.prepare_dataset("synthetic", None, root / split.name, progress=False, **params)
+            return
+        except OutputLockedError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _release_memory() -> None:
-    """Drop what a finished or crashed stage left behind (a CUDA OOM in one cell must not starve the next)."""
+    """Drop what a finished or crashed stage left behind (a CUDA OOM in one run must not starve the next)."""
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def launch_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of a ``torchrun`` launch; (0, 1, 0) for a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return rank, world, int(os.environ.get("LOCAL_RANK", str(rank)) or rank)
+
+
+def rank_device(local_rank: int) -> str:
+    """Each rank's own device: ``cuda:LOCAL_RANK`` where there are GPUs, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def wait_for_every_rank() -> None:
+    """Block until every rank of the launch got here (a gloo barrier, joined only after the training is over so
+    that no bundle sees an initialised process group and takes itself for a multi-GPU training)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(days=30))  # ranks may finish days apart
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def make_plan(
+    study_dir: str | Path,
+    encoders: str | Sequence[str] | None = None,
+    dataset: str = "synthetic",
+    dataset_dir: str | Path | None = None,
+    splits: Sequence[str | int] | str | int | None = None,
+    overrides: Mapping | None = None,
+    encoder_weights: str | Path | Mapping[str, str] | None = "hub",
+    min_cell_sizes: Sequence[int] | None = None,
+    *,
+    gap_metrics: Sequence[str] | None = None,
+    bootstrap: int = 2000,
+    permutations: int = 5000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    eval_bootstrap: int = 1000,
+    bundles_dir: str | Path | None = None,
+) -> StudyPlan:
+    """The grid the arguments describe, checked (ValueError naming the argument); nothing is written."""
+    study_dir = Path(study_dir).expanduser().resolve()
+    enc = encoder_list(encoders)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides: expected a dict of bundle config overrides, got {type(overrides).__name__}")
+    overrides = dict(overrides or {})
+    for reserved in ("bundle_root", "ckpt_dir", "output_dir", "dataset", "dataset_dir", "protocol", "encoder",
+                     "encoder_weights", "allow_random_encoder", "eval_split", "eval_dir", "min_cell_size"):
+        if reserved in overrides:
+            raise ValueError(f"overrides: {reserved!r} is set by the study runner per run; use the run_study arguments")
+    for name, value, low in (("bootstrap", bootstrap, 1), ("permutations", permutations, 1), ("eval_bootstrap", eval_bootstrap, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: expected an integer ≥ {low}, got {value!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: expected a value in (0, 1), got {confidence}")
+    if min_cell_sizes is not None:
+        if isinstance(min_cell_sizes, (int, str)) or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in min_cell_sizes) \
+                or not len(min_cell_sizes):
+            raise ValueError(f"min_cell_sizes: expected a list of positive pixel counts, got {min_cell_sizes!r}")
+    if dataset == "synthetic":
+        dataset_dir = Path(dataset_dir).expanduser().resolve() if dataset_dir is not None else study_dir / "data"
+    elif dataset_dir is not None:
+        dataset_dir = Path(dataset_dir).expanduser().resolve()
+    split_specs = resolve_splits(dataset, dataset_dir, splits)
+    weights = weights_table(enc, encoder_weights)
+    return StudyPlan(dataset=str(dataset).lower(), dataset_dir=str(dataset_dir), encoders=enc, splits=split_specs,
+                     overrides=overrides, encoder_weights=weights,
+                     min_cell_sizes=sorted({int(c) for c in min_cell_sizes}) if min_cell_sizes is not None else None,
+                     gap_metrics=list(gap_metrics) if gap_metrics is not None else None, bootstrap=bootstrap,
+                     permutations=permutations, confidence=confidence, seed=seed, eval_bootstrap=eval_bootstrap,
+                     bundles_dir=str(Path(bundles_dir).resolve()) if bundles_dir is not None else None)
 
 
 def run_study(
@@ -181,6 +291,8 @@ def run_study(
     seed: int = 0,
     eval_bootstrap: int = 1000,
     bundles_dir: str | Path | None = None,
+    only: Sequence[str] | None = None,
+    rerun_changed: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> StudyReport:
     """Run the grid encoders × splits on one dataset and write ``<study_dir>/results/``.
@@ -192,81 +304,84 @@ def run_study(
         dataset_dir: the prepared dataset (required except for synthetic, which is generated under
             ``<dataset_dir or study_dir/data>/<split>``).
         splits: protocol names (e.g. ``["official1", "official2", "official3"]``), or data seeds for synthetic.
-        overrides: bundle config overrides for every stage of every cell (``epochs``, ``batch_size``,
+        overrides: bundle config overrides for every stage of every run (``epochs``, ``batch_size``,
             ``decoder``, ``reduced_encoder``, ``synthetic`` …).
         encoder_weights: ``"hub"``, ``"random"`` (tests/demos only; flagged in every table), a local
             folder/file, or a dict encoder → one of these (key ``"*"`` sets the default).
         min_cell_sizes: candidates for the minimum cell size (None: METHOD §4 grid for the magnification).
-        resume: skip cells already done with the same settings; False reruns every cell.
+        resume: skip runs already done with the same settings; False reruns every run.
         gap_metrics: metrics of the gap table (default mPQ+ and bPQ for multi-class data, PQ and F1 for one class).
         bootstrap, permutations, confidence, seed: paired statistics of the gap table.
-        eval_bootstrap: bootstrap resamples of each cell's own test confidence intervals.
+        eval_bootstrap: bootstrap resamples of each run's own test confidence intervals.
         bundles_dir: folder of bundles (default the committed ``bundles/``).
+        only: run ids (``dataset/split/encoder``) to run, the others left alone; the results are then not
+            written (``--results-only`` merges them once every job is over).
+        rerun_changed: rerun the runs finished under other options instead of refusing the command.
         log: progress printer (default ``print``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank runs its share of the runs (every WORLD_SIZE-th, from its
+    RANK) on its own device, and rank 0 writes the results once every rank is done.  Each run holds its
+    folder's lock while it runs: a run another job holds is skipped (and refused when named with ``only``).
     """
     say = log or (lambda text: print(text, flush=True))
+    plan = make_plan(study_dir, encoders, dataset, dataset_dir, splits, overrides, encoder_weights, min_cell_sizes,
+                     gap_metrics=gap_metrics, bootstrap=bootstrap, permutations=permutations, confidence=confidence,
+                     seed=seed, eval_bootstrap=eval_bootstrap, bundles_dir=bundles_dir)
     study_dir = Path(study_dir).expanduser().resolve()
-    enc = encoder_list(encoders)
-    if overrides is not None and not isinstance(overrides, Mapping):
-        raise TypeError(f"overrides: expected a dict of bundle config overrides, got {type(overrides).__name__}")
-    overrides = dict(overrides or {})
-    for reserved in ("bundle_root", "ckpt_dir", "output_dir", "dataset", "dataset_dir", "protocol", "encoder",
-                     "encoder_weights", "allow_random_encoder", "eval_split", "eval_dir", "min_cell_size"):
-        if reserved in overrides:
-            raise ValueError(f"overrides: {reserved!r} is set by the study runner per cell; use the run_study arguments")
-    for name, value, low in (("bootstrap", bootstrap, 1), ("permutations", permutations, 1), ("eval_bootstrap", eval_bootstrap, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: expected an integer ≥ {low}, got {value!r}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence: expected a value in (0, 1), got {confidence}")
-    if min_cell_sizes is not None:
-        if isinstance(min_cell_sizes, (int, str)) or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in min_cell_sizes) \
-                or not len(min_cell_sizes):
-            raise ValueError(f"min_cell_sizes: expected a list of positive pixel counts, got {min_cell_sizes!r}")
-    if dataset == "synthetic":
-        dataset_dir = Path(dataset_dir).expanduser().resolve() if dataset_dir is not None else study_dir / "data"
-    elif dataset_dir is not None:
-        dataset_dir = Path(dataset_dir).expanduser().resolve()
-    split_specs = resolve_splits(dataset, dataset_dir, splits)
-    weights = weights_table(enc, encoder_weights)
-    for key, value in weights.items():
+    states = grid_states(study_dir, plan)
+    if resume and not rerun_changed:
+        check_options(states)
+    selected = select_runs([s.run for s in states], list(only) if only else None)
+    if only:
+        held = [s for s in states if s.run in selected and s.state == "running"]
+        if held:
+            raise OutputLockedError("; ".join(f"run {s.run.id} is being run by another job ({s.detail})" for s in held)
+                                    + ": wait for it to finish, or leave it out of --only")
+    for key, value in plan.encoder_weights.items():
         if weights_kind(value) == "local" and not Path(value).expanduser().exists():
-            say(f"warning: encoder_weights[{key!r}] = {value} does not exist; its cells will fail")
-    plan = StudyPlan(dataset=str(dataset).lower(), dataset_dir=str(dataset_dir), encoders=enc, splits=split_specs,
-                     overrides=overrides, encoder_weights=weights,
-                     min_cell_sizes=sorted({int(c) for c in min_cell_sizes}) if min_cell_sizes is not None else None,
-                     gap_metrics=list(gap_metrics) if gap_metrics is not None else None, bootstrap=bootstrap,
-                     permutations=permutations, confidence=confidence, seed=seed, eval_bootstrap=eval_bootstrap,
-                     bundles_dir=str(Path(bundles_dir).resolve()) if bundles_dir is not None else None)
+            say(f"warning: encoder_weights[{key!r}] = {value} does not exist; its runs will fail")
+    rank, world, local_rank = launch_rank()
+    device = rank_device(local_rank) if world > 1 else None
+    share = selected[rank::world]
     study_dir.mkdir(parents=True, exist_ok=True)
     write_json(study_dir / STUDY_FILE, {**plan.to_json(), "written": now()})
-    if any(w == "random" for w in weights.values()):
-        say("!" * 100 + "\nRANDOM ENCODER WEIGHTS for " + ", ".join(k for k, w in weights.items() if w == "random")
+    if rank == 0 and any(w == "random" for w in plan.encoder_weights.values()):
+        say("!" * 100 + "\nRANDOM ENCODER WEIGHTS for " + ", ".join(k for k, w in plan.encoder_weights.items() if w == "random")
             + ": their numbers test the pipeline, not the encoders.\n" + "!" * 100)
+    if world > 1:
+        say(f"rank {rank}/{world} on {device}: {len(share)} of the {len(selected)} run(s)")
 
-    ran, skipped, failed, records = [], [], [], {}
-    total = len(enc) * len(split_specs)
-    k = 0
-    for split in split_specs:
-        for encoder in enc:
-            k += 1
-            cell = cell_dir(study_dir, plan.dataset, split.name, encoder)
-            cid = cell_id(plan.dataset, split.name, encoder)
-            previous = read_json(cell / CELL_FILE)
-            fingerprint = cell_fingerprint(plan, split, encoder)
-            if resume and is_done(previous, cell, fingerprint):
-                say(f"[{k}/{total}] {cid}: done earlier, skipped")
-                skipped.append(cid)
-                records[cid] = previous
-                continue
-            why = "new" if previous is None else ("settings changed" if previous.get("fingerprint") != fingerprint
-                                                  else f"retrying ({previous.get('status')})")
-            say(f"[{k}/{total}] {cid}: {why}")
-            record = _run_cell(plan, study_dir, split, encoder, previous, resume, say)
-            records[cid] = record
-            ran.append(cid)
-            if record["status"] != "done":
-                failed.append(cid)
-    results = write_results(study_dir, plan, log=say)
-    say(f"study: {len(ran)} cell(s) run, {len(skipped)} skipped, {len(failed)} failed → {results}")
-    return StudyReport(study_dir, results, ran, skipped, failed, records)
+    ran, skipped, failed, busy, records = [], [], [], [], {}
+    for k, run in enumerate(share, 1):
+        try:
+            with output_lock(run.folder, f"study run {run.id}"):
+                previous = read_json(run.folder / CELL_FILE)
+                fingerprint = run_fingerprint(plan, run.split, run.encoder)
+                if resume and is_done(previous, run.folder, fingerprint):
+                    say(f"[{k}/{len(share)}] {run.id}: done earlier, skipped")
+                    skipped.append(run.id)
+                    records[run.id] = previous
+                    continue
+                why = "new" if previous is None else ("settings changed" if previous.get("fingerprint") != fingerprint
+                                                      else f"retrying ({previous.get('status')})")
+                say(f"[{k}/{len(share)}] {run.id}: {why}")
+                record = _run_one(plan, study_dir, run.split, run.encoder, previous, resume, say, device,
+                                  {"rank": rank, "world_size": world})
+        except OutputLockedError as e:
+            say(f"[{k}/{len(share)}] {run.id}: skipped, another job runs it ({e})")
+            busy.append(run.id)
+            continue
+        records[run.id] = record
+        ran.append(run.id)
+        if record["status"] != "done":
+            failed.append(run.id)
+    results = study_dir / "results"
+    if world > 1:
+        wait_for_every_rank()
+    if only:
+        say(f"study: {len(ran)} run(s) run, {len(skipped)} skipped, {len(failed)} failed; results not written "
+            "(--results-only merges the finished runs)")
+    elif rank == 0:
+        results = write_results(study_dir, plan, log=say)
+        say(f"study: {len(ran)} run(s) run, {len(skipped)} skipped, {len(failed)} failed → {results}")
+    return StudyReport(study_dir, results, ran, skipped, failed, records, busy)

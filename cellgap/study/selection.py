@@ -12,33 +12,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..workflow import CandidateOutput, candidate_suffix  # noqa: F401  (where the study's callers found them)
 from .cells import HEADLINE_METRICS
-
-_CANDIDATE_KEYS = ("pred_instances", "pred_types", "pred_cells")
-
-
-class CandidateOutput:
-    """``output_transform`` of a :class:`~cellgap.metrics.handlers.CellMetrics` that scores one candidate
-    minimum cell size: it exposes ``pred_instances_min<size>`` (etc.) as ``pred_instances``."""
-
-    def __init__(self, min_cell_size: int):
-        self.suffix = candidate_suffix(min_cell_size)
-
-    def _one(self, item: Mapping) -> dict:
-        out = dict(item)
-        for key in _CANDIDATE_KEYS:
-            if key + self.suffix in item:
-                out[key] = item[key + self.suffix]
-        return out
-
-    def __call__(self, output):
-        if isinstance(output, Mapping):
-            return self._one(output)
-        return [self._one(item) for item in output]
-
-
-def candidate_suffix(min_cell_size: int) -> str:
-    return f"_min{int(min_cell_size)}"
 
 
 def default_min_cell_sizes(magnification: int) -> list[int]:
@@ -75,29 +50,11 @@ def select_min_cell_size(root: Path, overrides: dict, cell: Path, candidates: li
         sizes = sorted({int(c) for c in candidates}) if candidates else default_min_cell_sizes(magnification)
         if any(c < 1 for c in sizes):
             raise ValueError(f"min_cell_sizes: expected positive pixel counts, got {sizes}")
-
-        post = parser.get("validate#postprocessing#transforms")
-        at = [i for i, t in enumerate(post) if isinstance(t, dict) and str(t.get("_target_", "")).endswith("CISCAPostProcessingd")]
-        if len(at) != 1:
-            raise ValueError(f"bundle {root.name}: expected one CISCAPostProcessingd in validate#postprocessing, found {len(at)}")
-        base = post[at[0]]
-        variants = [{**base, "min_cell_size": c, "instance_key": "pred_instances" + candidate_suffix(c),
-                     "type_key": "pred_types" + candidate_suffix(c), "cells_key": "pred_cells" + candidate_suffix(c)}
-                    for c in sizes]
-        parser["validate#postprocessing#transforms"] = post[: at[0]] + variants + post[at[0] + 1:]
-
-        metric_cfg = dict(parser.get("validate#key_metric#val_key_metric"))
-        metrics = {f"min_cell_size_{c}": {**metric_cfg, "prefix": f"min_cell_size_{c}/",
-                                           "output_transform": {"_target_": "cellgap.study.selection.CandidateOutput", "min_cell_size": c}}
-                   for c in sizes}
-        names = list(metrics)
-        parser["validate#key_metric"] = {names[0]: metrics[names[0]]}
-        parser["validate#evaluator#additional_metrics"] = {n: metrics[n] for n in names[1:]}
-        loaders = [h for h in parser.get("validate#handlers") if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
-        if not loaders:
-            raise ValueError(f"bundle {root.name}: configs/evaluate.json has no CheckpointLoader in validate#handlers")
-        parser["validate#handlers"] = [loaders[0], {"_target_": "cellgap.metrics.handlers.MetricsReportSaver",
-                                                    "output_dir": str(cell / "select_val"), "bootstrap": 0}]
+        # the bundle's builders post-process and score once per candidate; only the decoder's loader and a report run
+        parser.update({"min_cell_size_candidates": sizes, "validate#handlers": [
+            "@validate#checkpoint_loader",
+            {"_target_": "cellgap.metrics.handlers.MetricsReportSaver", "output_dir": str(cell / "select_val"), "bootstrap": 0}]})
+        names = [f"min_cell_size_{c}" for c in sizes]
         evaluator = parser.get_parsed_content("validate#evaluator")
         evaluator.run()
         details = getattr(evaluator.state, "cell_metrics", {}) or {}
@@ -126,11 +83,15 @@ def select_min_cell_size(root: Path, overrides: dict, cell: Path, candidates: li
 
 def set_checkpoint_min_cell_size(path: Path, size: int, metric: str) -> None:
     """Store the chosen size in the checkpoint meta, so inference with this decoder uses it."""
+    import io
+
     import torch
+
+    from ..atomic import atomic_write_bytes
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["meta"]["min_cell_size"] = int(size)
     ckpt["meta"]["min_cell_size_selection"] = f"best {metric} on the validation split"
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -15,7 +15,7 @@ from .plan import StudyPlan
 
 METRIC_LABELS = {"pq": "PQ", "bpq": "bPQ", "mpq": "mPQ", "mpq+": "mPQ+", "aji": "AJI", "dice": "Dice", "f1d": "F1 (det.)",
                  "dq": "DQ", "sq": "SQ", "aji+": "AJI+", "r2": "R²"}
-NO_CELL = "(no finished grid cell)"
+NO_CELL = "(no finished run)"
 
 
 def num(value) -> float:
@@ -48,14 +48,26 @@ def csv_value(v) -> str:
     return "" if v is None else str(v)
 
 
-def encoder_label(encoder: str, plan: StudyPlan) -> str:
-    """The encoder's name, tagged where its numbers need a caveat (random weights, reduced model)."""
+def encoder_label(encoder: str, plan: StudyPlan, missing: dict[str, list[str]] | None = None) -> str:
+    """The encoder's name, tagged where its numbers need a caveat (random weights, reduced model, splits missing)."""
     tags = []
     if plan.encoder_weights.get(encoder) == "random":
         tags.append("RANDOM WEIGHTS")
     if plan.overrides.get("reduced_encoder") and get_encoder_spec(encoder).reduced_kwargs:
         tags.append("reduced")
+    if missing and missing.get(encoder):
+        n = len(plan.splits)
+        tags.append(f"{n - len(missing[encoder])} of {n} splits")
     return f"{encoder} [{', '.join(tags)}]" if tags else encoder
+
+
+def incomplete_notes(missing: dict[str, list[str]], n_splits: int) -> list[str]:
+    """The footnote of a table whose encoders lack runs: their numbers are over fewer splits than the grid's."""
+    lines = [f"- {e}: {n_splits - len(m)} of {n_splits} splits; missing {', '.join(m)}" for e, m in missing.items() if m]
+    if not lines:
+        return []
+    return ["† INCOMPLETE: means and sds of these encoders are over their finished splits only, not comparable with "
+            "the others' (run the missing runs, then `--results-only`):", *lines]
 
 
 def random_weights_warning(plan: StudyPlan) -> list[str]:
@@ -99,20 +111,21 @@ def write_table(results: Path, stem: str, title: str, header_lines: list[str], c
     atomic_write_text(results / f"{stem}.md", "\n".join(lines) + "\n")
 
 
-def write_group_tables(results, stem, title, head, plan, encoders, stats, groups, metrics, key, labels) -> None:
+def write_group_tables(results, stem, title, head, plan, encoders, stats, groups, metrics, key, labels, missing=None) -> None:
     """Encoder × group (class, tissue) tables: one long CSV, and one Markdown table per metric."""
     rows = []
     for e in encoders:
         for g in groups:
             st = stats[e].get(g, {})
-            rows.append([e, g, plan.encoder_weights[e], *(x for m in metrics for x in (st.get(m, {}).get("mean", float("nan")),
+            rows.append([e, g, plan.encoder_weights[e], ";".join((missing or {}).get(e, [])), *(x for m in metrics for x in (st.get(m, {}).get("mean", float("nan")),
                                                                                           st.get(m, {}).get("sd", float("nan"))))])
-    columns = ["encoder", key, "weights", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))]
+    columns = ["encoder", key, "weights", "missing_splits", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))]
     md_lines = []
     for m in metrics:
         md_lines += ["", f"## {labels[m]}", "", "| encoder | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
         for e in encoders:
-            md_lines.append(f"| {encoder_label(e, plan)} | " + " | ".join(fmt_mean_sd(stats[e].get(g, {}).get(m)) for g in groups) + " |")
+            md_lines.append(f"| {encoder_label(e, plan, missing)} | " + " | ".join(fmt_mean_sd(stats[e].get(g, {}).get(m)) for g in groups) + " |")
     _write_csv(results / f"{stem}.csv", head, columns, rows)
-    text = _markdown_head(title, head) + (md_lines if groups else ["", NO_CELL])
+    notes = incomplete_notes(missing or {}, len(plan.splits))
+    text = _markdown_head(title, head) + (md_lines if groups else ["", NO_CELL]) + ([""] + notes if notes else [])
     atomic_write_text(results / f"{stem}.md", "\n".join(text) + "\n")
