@@ -15,6 +15,7 @@ from . import __version__
 from .atomic import atomic_write_text
 from .data.registry import DATASETS
 from .encoders import ENCODERS, EncoderSpec, get_encoder_spec
+from .slide.bundle_config import segment_config
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 BUNDLE_PREFIX = "cisca_"
@@ -506,6 +507,11 @@ Inference on a folder of tiles:
 ```
 python -m monai.bundle run --config_file configs/inference.json --input_dir /data/tiles --output_dir /data/cells
 ```
+Whole slides (SVS, NDPI, MRXS, OME-TIFF, pyramidal TIFF; streamed in bounded memory, resumable, QuPath GeoJSON,
+cell tables; the same engine as `cellgap segment`, see cellgap's docs/slides.md):
+```
+python -m monai.bundle run --config_file configs/segment.json --input /data/slides --out /data/slide_cells
+```
 {gated}
 ## Encoder licence
 {spec.license}. The encoder weights are not part of this bundle and keep their own terms.
@@ -601,6 +607,7 @@ def render_bundle(spec: EncoderSpec | str) -> dict[str, str]:
         "configs/train.json": _json(train_config(spec)),
         "configs/evaluate.json": _json(evaluate_config()),
         "configs/inference.json": _json(inference_config(spec)),
+        "configs/segment.json": _json(segment_config()),
         "configs/multi_gpu_train.json": _json(multi_gpu_config()),
         "configs/logging.conf": LOGGING_CONF,
         "docs/README.md": readme(spec),

@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     study = sub.add_parser("study", help="run the encoders × splits study grid and write its results (docs/study.md)")
     add_study_arguments(study)
     study.set_defaults(func=run_study_from_args)
+    from .slide import command as segment_command
+
+    segment = sub.add_parser("segment", help="segment and classify every cell of whole slides or images (docs/slides.md)")
+    segment_command.add_arguments(segment)
+    segment.set_defaults(func=segment_command.run)
     enc = sub.add_parser("encoders", help="list the encoder registry")
     enc.set_defaults(func=list_encoders)
     args = parser.parse_args(argv)
