@@ -45,7 +45,7 @@ def expression_trees(config: dict):
 
 
 def test_every_bundle_config_is_found():
-    assert len(CONFIGS) == 5 * len(ENCODERS)  # metadata, train, evaluate, inference, multi_gpu_train
+    assert len(CONFIGS) == 6 * len(ENCODERS)  # metadata, train, evaluate, inference, multi_gpu_train, segment
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parents[1].name}/{p.name}")
@@ -67,10 +67,10 @@ def test_train_config_is_short_and_mostly_plain_values(key):
 
 @pytest.mark.parametrize("key", sorted(ENCODERS))
 def test_all_workflow_configs_together_are_mostly_plain_values(key):
-    """train, evaluate, multi_gpu_train and inference: their value characters pooled (metadata.json excluded)."""
+    """train, evaluate, multi_gpu_train, inference and segment: their value characters pooled (metadata.json excluded)."""
     configs = [json.loads(p.read_text(encoding="utf-8"))
                for p in sorted((ROOT / "bundles" / bundle_name(key) / "configs").glob("*.json")) if p.name != "metadata.json"]
-    assert len(configs) == 4
+    assert len(configs) == 5
     assert expression_share({"configs": configs}) <= MAX_EXPRESSION_SHARE
 
 
