@@ -22,27 +22,12 @@ import torch.nn.functional as F
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.inferers import SlidingWindowInferer
-from PIL import Image
 
 from .atomic import write_json
+from .failures import BatchFailures, describe  # noqa: F401  (BatchFailures: raised here, imported from here)
 
 FAILURE = "failure"
 SOURCE = "source"
-
-
-class BatchFailures(RuntimeError):
-    """Some files of a batch job could not be processed (the others were)."""
-
-
-def describe(error: BaseException) -> str:
-    """One line: what went wrong, with the fix where one is known."""
-    while error.__cause__ is not None and "applying transform" in str(error):  # MONAI's wrapper: its cause says what
-        error = error.__cause__
-    if isinstance(error, Image.DecompressionBombError):
-        return (f"{error} This is an image of whole-slide size: segment it with `cellgap segment` (which reads it "
-                f"tile by tile), or cut it into tiles; if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS")
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
 class TolerantDataset(Dataset):
@@ -106,7 +91,8 @@ class IsolatingEvaluator(SupervisedEvaluator):
             listing = "; ".join(f"{Path(f['file']).name} ({f['reason']})" for f in self.failures)
             raise BatchFailures(f"{len(self.failures)} of {len(self.failures) + len(self.processed)} file(s) could not be "
                                 f"processed: {listing}. The others were written"
-                                + (f"; summary: {self.summary_file}" if self.summary_file else ""))
+                                + (f"; summary: {self.summary_file}" if self.summary_file else ""),
+                                failures=self.failures, output=self.summary_file)
 
 
 def _reflect_up_to(x: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -1,6 +1,8 @@
 """User folders: label formats, class sources, splits, config, bad input."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 
 from cellgap.data import folder
 from cellgap.data.prepared import read_dataset_info, read_manifest
+from cellgap.failures import BatchFailures
 from cellgap.testing.fixtures import write_folder
 
 
@@ -88,6 +91,17 @@ def fails_cleanly(raw, tmp_path, error, match, **kw):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def fails_alone(raw, tmp_path, failed, match):
+    """A file the converter cannot read is named (with ``match`` in its reason); the others are converted."""
+    out = tmp_path / "out"
+    with pytest.raises(BatchFailures, match=match) as caught:
+        folder.convert(raw, out, progress=False)
+    assert [Path(f["file"]).stem.split(".")[0] for f in caught.value.failures] == [failed]
+    ids = [r["id"] for r in read_manifest(out)]
+    assert failed not in ids and len(ids) == len(list((raw / "images").iterdir())) - 1
+    shutil.rmtree(out)
+
+
 def test_missing_and_orphan_files(tmp_path):
     raw = write_folder(tmp_path / "raw", size=32)
     (raw / "labels" / "tile_002.tif").unlink()
@@ -134,13 +148,13 @@ def test_label_maps_that_are_not_instance_maps(tmp_path):
     yy, xx = np.mgrid[:48, :48]
     binary = (((yy % 12) < 5) & ((xx % 12) < 5)).astype(np.uint8) * 255
     tifffile.imwrite(raw / "labels" / "tile_003.tif", binary)
-    fails_cleanly(raw, tmp_path, ValueError, r"tile_003.tif: not an instance map: 1 id\(s\) \(255\) cover 16 separate regions")
+    fails_alone(raw, tmp_path, "tile_003", r"tile_003.tif: not an instance map: 1 id\(s\) \(255\) cover 16 separate regions")
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(raw / "labels" / "tile_003.png")
     (raw / "labels" / "tile_003.tif").unlink()
-    fails_cleanly(raw, tmp_path, ValueError, r"tile_003.png: label map has shape \(48, 48, 3\); expected one 2-D channel")
+    fails_alone(raw, tmp_path, "tile_003", r"tile_003.png: label map has shape \(48, 48, 3\); expected one 2-D channel")
     tifffile.imwrite(raw / "labels" / "tile_003.tif", np.full((48, 48), 1.5, np.float32))
     (raw / "labels" / "tile_003.png").unlink()
-    fails_cleanly(raw, tmp_path, ValueError, r"tile_003.tif: label values are not whole numbers")
+    fails_alone(raw, tmp_path, "tile_003", r"tile_003.tif: label values are not whole numbers")
 
 
 def test_images_the_image_kind_rule_refuses(tmp_path):
@@ -148,7 +162,7 @@ def test_images_the_image_kind_rule_refuses(tmp_path):
     raw = write_folder(tmp_path / "raw", size=32, classes=None)
     tifffile.imwrite(raw / "images" / "tile_005.tif", np.zeros((5, 32, 32), np.uint16))
     (raw / "images" / "tile_005.png").unlink()
-    fails_cleanly(raw, tmp_path, ValueError, r"tile_005.tif: a multi-page TIFF, 5 pages.*RGB composite")
+    fails_alone(raw, tmp_path, "tile_005", r"tile_005.tif: a multi-page TIFF, 5 pages.*RGB composite")
 
 
 def test_split_file_naming_missing_images(tmp_path):
@@ -165,4 +179,4 @@ def test_nifti_stored_transposed_gets_a_hint(tmp_path):
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(raw / "images" / "tile_000.png")
     (raw / "labels" / "tile_000.tif").unlink()
     nib.save(nib.Nifti1Image(np.zeros((48, 32), np.int16), np.eye(4)), str(raw / "labels" / "tile_000.nii.gz"))
-    fails_cleanly(raw, tmp_path, ValueError, r"label shape \(48, 32\) does not match image \(32, 48\).*first axis must be rows")
+    fails_alone(raw, tmp_path, "tile_000", r"label shape \(48, 32\) does not match image \(32, 48\).*first axis must be rows")

@@ -176,3 +176,52 @@ def test_a_png_above_the_decompression_bomb_limit_is_named_with_the_fix(tmp_path
     with pytest.raises(ValueError, match=f"{first}: Image size .*cellgap segment.*MAX_IMAGE_PIXELS"):
         folder.convert(raw, tmp_path / "out", progress=False, magnification=40)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_a_conversion_names_the_files_it_cannot_convert_and_converts_the_others(tmp_path, capsys):
+    """Issue #19, batch jobs isolate failures: a corrupt image and a label of the wrong size among good tiles."""
+    import json
+
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from cellgap.data import folder
+    from cellgap.failures import BatchFailures
+
+    raw = write_folder(tmp_path / "raw", n_images=6, size=32, seed=0, classes=None)
+    (raw / "images" / "tile_001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    tifffile.imwrite(raw / "labels" / "tile_003.tif", np.zeros((16, 32), np.uint16))
+    good = ["tile_000", "tile_002", "tile_004", "tile_005"]
+
+    status, err = _script(capsys, "folder", "--raw", raw, "--out", tmp_path / "out", "--no-progress")
+    assert status == 3  # non-zero: complete, but not every file was converted
+    assert "FAILED images/tile_001.png: " in err and "FAILED labels/tile_003.tif: " in err
+    assert "converted 4 of 6 images; 2 failed: images/tile_001.png (" in err and "labels/tile_003.tif (" in err
+    assert "label shape (16, 32) does not match image (32, 32)" in err
+    out = tmp_path / "out"
+    assert sorted(r["id"] for r in read_manifest(out)) == good
+    for name in good:  # each good tile converted whole and unchanged
+        source = np.asarray(Image.open(raw / "images" / f"{name}.png").convert("RGB"))
+        assert np.array_equal(np.asarray(Image.open(out / "images" / f"{name}.png")), source)
+    record = json.loads((out / "dataset.json").read_text())["extra"]["conversion_failures"]
+    assert [f["file"] for f in record] == ["images/tile_001.png", "labels/tile_003.tif"]
+    assert "does not match image" in record[1]["reason"] and record[0]["reason"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]  # no partial folder, no lock
+
+    # The Python API says the same with BatchFailures once the folder is complete; a clean folder records none.
+    with pytest.raises(BatchFailures, match=r"converted 4 of 6 images; 2 failed") as caught:
+        folder.convert(raw, tmp_path / "api", progress=False)
+    assert caught.value.output == tmp_path / "api" and len(caught.value.failures) == 2
+    clean = write_folder(tmp_path / "clean", n_images=2, size=32, seed=1, classes=None)
+    info = json.loads((folder.convert(clean, tmp_path / "clean_out", progress=False) / "dataset.json").read_text())
+    assert info["extra"]["conversion_failures"] == []
+
+
+def test_a_conversion_where_every_file_fails_writes_nothing(tmp_path, capsys):
+    raw = write_folder(tmp_path / "raw", n_images=2, size=32, seed=0, classes=None)
+    for image in (raw / "images").iterdir():
+        image.write_bytes(b"not an image")
+    status, err = _script(capsys, "folder", "--raw", raw, "--out", tmp_path / "out", "--no-progress")
+    assert status == 1 and "none of the 2 image(s) could be converted: images/tile_000.png (" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

@@ -15,7 +15,9 @@ Examples::
 ≈25× faster, with each tile's contour levels computed once (``cellgap.data.packed``; 9 bytes per pixel
 on disk). An existing prepared folder is packed with ``python -c "from cellgap.data.packed import pack_dataset; pack_dataset('data/pannuke', overwrite=True)"``.
 
-Prints the prepared folder, its protocols and the split sizes.
+Prints the prepared folder, its protocols and the split sizes. ``folder``: a file that cannot be converted is
+named with the reason (``FAILED <file>: <reason>``), the others are converted, the failures are listed in
+``<out>/dataset.json`` (``extra.conversion_failures``) and the exit status is 3 (1: an error, nothing written).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from ..data.packed import pack_dataset
 from ..data.prepared import check_replaceable, read_dataset_info, read_manifest
 from ..data.registry import DATASETS, get, prepare_dataset
 from ..data.splits import split_sizes
+from ..failures import BatchFailures
 from ..locking import OutputLockedError
+
+PARTIAL = 3  # exit status: the prepared folder is complete but some files could not be converted (1: nothing written)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,9 +140,13 @@ def _prepare(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    status = 0
     try:
         out = prepare_dataset(args.dataset, args.raw, args.out, download=args.download, raw_dir=args.raw_dir,
                               archives=args.archives, overwrite=args.overwrite, progress=not args.no_progress, **options)
+    except BatchFailures as e:  # the prepared folder is complete without the files named
+        print(f"error: {e}", file=sys.stderr)
+        out, status = e.output, PARTIAL
     except (ValueError, TypeError, OSError, OutputLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -155,5 +164,5 @@ def _prepare(args: argparse.Namespace) -> int:
     for column in columns:
         sizes = split_sizes(r[column] for r in rows)
         print(f"  {column}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
-    return 0
+    return status
 

@@ -14,7 +14,8 @@
 Without ``classes/`` the dataset has one class.  Without a split file a seeded split is generated
 (the CISCA procedure: 80/20 then 90/10, stratified by tissue when a tissue is given).  Images
 larger than the network tile are kept whole (training takes random crops); ``tile_size`` adds
-non-overlapping tiles for validation/test as for CytoDArk0.
+non-overlapping tiles for validation/test as for CytoDArk0.  One file that cannot be converted does not stop
+the others (see :func:`convert`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import csv
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..failures import BatchFailures, describe, listing
 from ..magnification import parse_magnification
 from . import splits as splitting
 from .image_kinds import IMAGE_SUFFIXES, read_image
@@ -48,6 +51,7 @@ from .stain import STAIN_KINDS
 NAME = "folder"
 CONFIG = "cellgap.json"
 DEFAULT_CLASS_NAMES = ("cell",)
+FAILURES_KEY = "conversion_failures"  # dataset.json extra: [{"file", "reason"}] of the files not converted
 
 
 def _files_by_name(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
@@ -229,7 +233,13 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names:
 
     Every image needs a label (and a class file when ``classes/`` exists); every label and class
     file needs an image.  ``split_csv`` (default ``<raw>/split.csv`` if present) must list every
-    image.  On any error nothing is left at ``out_dir``.
+    image.  These and the facts are checked first; on such an error nothing is left at ``out_dir``.
+
+    A file that cannot be converted (unreadable or refused image, unreadable label or class map, shapes that
+    disagree, a label that is not an instance map) is printed as ``FAILED <file>: <reason>``, the others are
+    converted, ``dataset.json``'s ``extra.conversion_failures`` lists ``{"file", "reason"}`` (empty when all were
+    converted), and once the folder is complete :class:`cellgap.failures.BatchFailures` says how many failed.
+    When every file fails, or class ids contradict the class names, nothing is written (ValueError).
     """
     raw_dir = Path(raw_dir)
     for sub in ("images", "labels"):
@@ -293,23 +303,46 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names:
             return s
         return s if (s in ("val", "test")) == is_tile else ""
 
-    def items():
-        for i, n in enumerate(names):
-            image = read_image(images[n])
-            raw_label = read_label_image(labels[n])
+    failures: list[dict] = []
+
+    def load(n: str):
+        """One file's image, label and class map (None for a CSV or no classes): an error here belongs to this
+        file alone (unreadable, an image kind the reader refuses, shapes that disagree, not an instance map)."""
+        current = images[n]
+        try:
+            image = read_image(current)
+            current = labels[n]
+            raw_label = read_label_image(current)
             if raw_label.shape != image.shape[:2]:
                 hint = " (NIfTI stored transposed? the first axis must be rows)" if raw_label.shape == image.shape[1::-1] else ""
                 raise ValueError(f"{labels[n]}: label shape {raw_label.shape} does not match image {image.shape[:2]} "
                                  f"({images[n]}){hint}")
             check_instance_map(raw_label, str(labels[n]))
+            class_map = None
+            if class_files is not None and class_files[n].suffix.lower() != ".csv":
+                current = class_files[n]
+                class_map = read_label_image(current)
+                if class_map.shape != raw_label.shape:
+                    raise ValueError(f"{class_files[n]}: class map shape {class_map.shape} does not match label {raw_label.shape}")
+        except Exception as error:  # reported, and the other files are converted
+            failure = {"file": current.relative_to(raw_dir).as_posix(), "reason": describe(error)}
+            failures.append(failure)
+            tqdm.write(f"FAILED {failure['file']}: {failure['reason']}", file=sys.stderr)
+            return None
+        return image, raw_label, class_map
+
+    def items():
+        for i, n in enumerate(names):
+            loaded = load(n)
+            if loaded is None:
+                continue
+            image, raw_label, classes = loaded
+            # Class ids that contradict the class names stop the conversion: the names are likely wrong for all files.
             if class_files is None:
                 classes = (raw_label > 0).astype(np.uint8)
-            elif class_files[n].suffix.lower() == ".csv":
+            elif classes is None:
                 classes = _classes_from_csv(class_files[n], raw_label, info.class_names)
             else:
-                classes = read_label_image(class_files[n])
-                if classes.shape != raw_label.shape:
-                    raise ValueError(f"{class_files[n]}: class map shape {classes.shape} does not match label {raw_label.shape}")
                 if classes.max() > info.num_classes:
                     raise ValueError(f"{class_files[n]}: unknown class id {int(classes.max())}; expected 0..{info.num_classes} "
                                      f"({', '.join(info.class_names)})")
@@ -338,4 +371,11 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names:
     with PreparedWriter(out_dir, info, overwrite=overwrite, extra_columns=extra_columns) as writer:
         add_tiles(writer, tqdm(items(), total=None if tile_size else len(names), desc=info.name, unit="tile",
                                disable=not progress), workers=workers)
+        if len(failures) == len(names):  # nothing to prepare: a dataset-level error (the partial folder is removed)
+            raise ValueError(f"{raw_dir}: none of the {len(names)} image(s) could be converted: {listing(failures, 10)}")
+        writer.info.extra[FAILURES_KEY] = failures  # the record: dataset.json's extra.conversion_failures
+    if failures:
+        raise BatchFailures(f"converted {len(names) - len(failures)} of {len(names)} images; {len(failures)} failed: "
+                            f"{listing(failures, 10)}. The others are in {out_dir}; the failures are listed in "
+                            f"{Path(out_dir) / 'dataset.json'} (extra.{FAILURES_KEY})", failures=failures, output=Path(out_dir))
     return Path(out_dir)
