@@ -21,11 +21,12 @@ from PIL import Image
 
 from cellgap.bundle import bundle_name, export_bundle
 from cellgap.checkpoint import LAST, MODEL, PREVIOUS, load_network, read_checkpoint, save_atomically
+from cellgap.cli import DEMO_DECODER
 from cellgap.encoders import DEMO_ENCODER
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / bundle_name(DEMO_ENCODER) / "configs"
-TINY = {"widths": [8, 8, 8, 16, 16, 16], "head_features": 8, "head_width": 8, "norm": "batch"}  # not the bundles' default
+TINY = dict(DEMO_DECODER)  # the demo's small decoder, not the bundles' default
 
 
 def _common(tmp: Path, **extra) -> dict:
@@ -130,31 +131,46 @@ def _instances_from_evaluate(tmp: Path, overrides: dict) -> list[np.ndarray]:
     return found
 
 
-def test_evaluate_inference_and_load_network_give_the_same_instances(trained, tmp_path):
+@pytest.fixture(scope="module")
+def applied(trained, tmp_path_factory) -> dict:
+    """The trained model with a body bias, its test tiles as PNGs, and inference.json's instance maps of them:
+    no decoder, no encoder weights, nothing but the checkpoint and the bundle's defaults."""
     from cellgap.data.prepared import datalist
-    from cellgap.postprocessing import CISCAPostProcessingd
 
+    tmp = tmp_path_factory.mktemp("applied")
     # two epochs find no cell: a body bias makes the maps non-empty, shaped by the encoder's and decoder's outputs
     ckpt = torch.load(trained / "models" / MODEL, weights_only=True)
     ckpt["decoder"]["contour_head.3.bias"] += torch.tensor([0.0, 0.8, 0.0])
-    (tmp_path / "models").mkdir()
-    torch.save(ckpt, tmp_path / "models" / MODEL)
-
+    (tmp / "models").mkdir()
+    torch.save(ckpt, tmp / "models" / MODEL)
     tiles = datalist(trained / "data", "test")
-    inputs = tmp_path / "in"
+    inputs = tmp / "in"
     inputs.mkdir()
     for item in tiles:
         (inputs / Path(item["image"]).name).write_bytes(Path(item["image"]).read_bytes())
-    # inference: no decoder, no encoder weights, nothing but the checkpoint and the bundle's defaults
     _run(["inference.json"], bundle_root=str(CONFIGS.parent), meta_file=str(CONFIGS / "metadata.json"), logging_file=False,
-         ckpt_dir=str(tmp_path / "models"), input_dir=str(inputs), output_dir=str(tmp_path / "out"), tile_size=64,
-         sw_batch_size=2)
-    inferred = {Path(t["image"]).stem: tifffile.imread(tmp_path / "out" / f"{Path(t['image']).stem}_instances.tif")
-                for t in tiles}
+         ckpt_dir=str(tmp / "models"), input_dir=str(inputs), output_dir=str(tmp / "out"), tile_size=64, sw_batch_size=2)
+    inferred = {Path(t["image"]).stem: tifffile.imread(tmp / "out" / f"{Path(t['image']).stem}_instances.tif") for t in tiles}
+    assert len(inferred) == 2 and all(inst.max() > 0 for inst in inferred.values())
+    return {"root": tmp, "inputs": inputs, "tiles": tiles, "inferred": inferred}
+
+
+def _same_cells(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same instance map up to the numbering of the cells: one-to-one labels, the same background."""
+    if a.shape != b.shape or not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[a > 0]]), axis=1)
+    return len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
+
+
+def test_evaluate_inference_and_load_network_give_the_same_instances(trained, applied, tmp_path):
+    from cellgap.postprocessing import CISCAPostProcessingd
+
+    tiles, inferred, inputs = applied["tiles"], applied["inferred"], applied["inputs"]
     overrides = {k: v for k, v in _common(trained).items() if k not in ("decoder", "encoder_weights", "allow_random_encoder")}
-    overrides.update(output_dir=str(tmp_path / "runs"), ckpt_dir=str(tmp_path / "models"))
+    overrides.update(output_dir=str(tmp_path / "runs"), ckpt_dir=str(applied["root"] / "models"))
     evaluated = dict(zip([Path(t["image"]).stem for t in tiles], _instances_from_evaluate(trained, overrides)))
-    network, meta = load_network(tmp_path)
+    network, meta = load_network(applied["root"])
     inferer = SlidingWindowInferer(roi_size=(64, 64), sw_batch_size=2, overlap=0.25, mode="gaussian", padding_mode="reflect")
     post = CISCAPostProcessingd(magnification=meta["magnification"], min_cell_size=meta["min_cell_size"],
                                 num_classes=len(meta["class_names"]), pred_key="pred")
@@ -164,9 +180,43 @@ def test_evaluate_inference_and_load_network_give_the_same_instances(trained, tm
         with torch.no_grad():
             pred = {k: v[0] for k, v in inferer(image, network).items()}
         loaded = np.asarray(post({"pred": pred})["pred_instances"]).squeeze()
-        assert inst.max() > 0
         assert np.array_equal(inst, loaded), name
         assert np.array_equal(inst, evaluated[name]), name
+
+
+def test_cellgap_segment_gives_the_inference_instances(applied, tmp_path):
+    """`cellgap segment` on the same tiles (each tile one slide, one tile without margin at the model's resolution)."""
+    import zarr
+
+    from cellgap.cli import main
+
+    meta = read_checkpoint(applied["root"] / "models" / MODEL)["meta"]
+    mpp = meta.get("mpp") or 10.0 / meta["magnification"]
+    main(["segment", str(applied["inputs"]), "--model", str(applied["root"]), "--out", str(tmp_path / "slides"),
+          "--mpp", str(mpp), "--tile-size", "64", "--margin", "0", "--labels", "--device", "cpu", "--workers", "0",
+          "--postprocess-workers", "0", "--no-progress"])
+    for name, inst in applied["inferred"].items():
+        labels = zarr.open_array(tmp_path / "slides" / name / "labels.zarr", mode="r")[:]
+        assert _same_cells(inst, labels.astype(np.int64)), name
+
+
+@pytest.mark.heavy  # ~25 s: the export and a fresh interpreter
+def test_the_exported_zoo_bundle_gives_the_inference_instances(applied, tmp_path):
+    """The exported bundle run from its unzipped folder by `python -m monai.bundle run`, cellgap reachable only as
+    its vendored copy (no PYTHONPATH), with no architecture override."""
+    archive = export_bundle(DEMO_ENCODER, tmp_path / "dist", checkpoint=applied["root"] / "models" / MODEL)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp_path / "zoo")
+    bundle = tmp_path / "zoo" / bundle_name(DEMO_ENCODER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--input_dir", str(applied["inputs"]), "--output_dir", str(tmp_path / "out"), "--tile_size", "64",
+           "--sw_batch_size", "2"]
+    result = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, inst in applied["inferred"].items():
+        assert np.array_equal(tifffile.imread(tmp_path / "out" / f"{name}_instances.tif"), inst), name
 
 
 def test_another_encoders_weights_are_refused_naming_both(trained, tmp_path):

@@ -80,6 +80,16 @@ def test_bad_options_are_named(options, message, trained_run, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_val_split_the_dataset_lacks_stops_naming_it_the_splits_and_the_fix(trained_run, tmp_path, capsys):
+    """The held-out share stands in for the default 'val' only (trained_run has no val split and trains)."""
+    assert cellgap("train", trained_run / "data", "--encoder", "convnext_atto", "--out", tmp_path / "run",
+                   "--val-split", "valid", "--encoder-weights", "none") == 1
+    err = capsys.readouterr().err
+    assert "--val-split valid" in err and "no split 'valid'" in err and "['test', 'train']" in err
+    assert "drop --val-split" in err
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
 def test_empty_or_missing_data_folders_say_how_to_prepare_one(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "empty", tmp_path / "missing"):

@@ -232,6 +232,43 @@ def test_resume_reruns_only_what_is_unfinished(study, tmp_path):
     assert rerun["status"] == "done" and rerun["attempt"] == 1 and rerun["timings"]["train_s"] > 0
 
 
+def test_a_run_stopped_during_training_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    """Training stops after epoch 1 of 2 (an error after last.pt is written, as a kill would leave it); the rerun
+    trains epoch 2 only, from models/last.pt, and says so."""
+    from ignite.engine import Events
+
+    import cellgap.checkpoint as checkpoint
+
+    attach, iterations, lines = checkpoint.TrainingCheckpoints.attach, [], []
+    stop = {"after_epoch": 1}
+
+    def attach_and_watch(self, engine):
+        attach(self, engine)  # first: last.pt is saved before the stop below
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterations.append(e.state.iteration))
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def interrupt(e):
+            if e.state.epoch == stop["after_epoch"]:
+                raise RuntimeError(f"stopped after epoch {e.state.epoch}")
+
+    monkeypatch.setattr(checkpoint.TrainingCheckpoints, "attach", attach_and_watch)
+    grid = dict(encoders=["convnext_atto"], dataset="synthetic", splits=["seed0"], overrides={**OVERRIDES, "epochs": 2},
+                encoder_weights="random", **{**FAST_STATS, "log": lines.append})
+    first = run_study(tmp_path, **grid)
+    cell = _cell(tmp_path, "seed0", "convnext_atto")
+    assert first.failed == ["synthetic/seed0/convnext_atto"] and iterations == [1]
+    assert torch.load(cell / "models" / "last.pt", weights_only=True)["trainer"]["epoch"] == 1
+
+    stop["after_epoch"], iterations[:], lines[:] = None, [], []
+    again = run_study(tmp_path, **grid)
+    assert again.ran == ["synthetic/seed0/convnext_atto"] and not again.failed
+    assert iterations == [2]  # epoch 2 only: continued, not restarted
+    assert any("train: resuming the interrupted training from" in line and "last.pt" in line for line in lines), lines
+    record = _cell_json(tmp_path, "seed0", "convnext_atto")
+    assert record["status"] == "done" and record["attempt"] == 2 and record["stages"]["train"]["resumed_from"] == "models/last.pt"
+    assert torch.load(cell / "models" / "last.pt", weights_only=True)["trainer"]["epoch"] == 2
+
+
 def test_a_crashing_cell_is_recorded_and_the_grid_goes_on(study, tmp_path):
     folder = _copy(study, tmp_path)
     missing = tmp_path / "no_such_weights"

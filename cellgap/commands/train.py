@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data.prepared import INFO, read_dataset_info
+from ..data.prepared import INFO, read_dataset_info, read_manifest
 from ..data.registry import DATASETS
 from ..locking import output_lock
 from .bundle_run import CommandError, bundle_for, known_encoder, run_bundle, say
@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the first GPU if any)")
     parser.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
     parser.add_argument("--val-split", default=None,
-                        help="split that validates (default 'val'; without one, training images are held out)")
+                        help="split that validates (default 'val'; without one, training images are held out); a split the "
+                             "dataset lacks is an error")
     parser.add_argument("--no-val", action="store_true", help="no validation or model selection; keep the last model")
     parser.add_argument("--resume", action="store_true", help=f"continue the run in RUN_DIR from {RESUME_STATE}")
 
@@ -94,6 +95,17 @@ def overrides_from(args: argparse.Namespace, dataset: str, data_dir: Path) -> di
     return options
 
 
+def check_val_split(data_dir: Path, split: str | None) -> None:
+    """A ``--val-split`` the user named must exist: the held-out share replaces only the default 'val'."""
+    if split is None:
+        return
+    splits = sorted({row.get("split", "") for row in read_manifest(data_dir)})
+    if split not in splits:
+        raise CommandError(f"--val-split {split}: {data_dir} has no split {split!r}; its splits are {splits}. Name one "
+                           "of them (not the test split), or drop --val-split to hold out a share of the training images "
+                           "for validation")
+
+
 def check_run_folder(run_dir: Path, args: argparse.Namespace, encoder: str, data_dir: Path) -> None:
     """Never overwrite a trained run; resume only the same encoder and dataset, from an existing state."""
     if args.resume:
@@ -125,6 +137,10 @@ def run(args: argparse.Namespace) -> dict:
                            f"`cellgap prepare folder --raw {data_dir} --out <prepared folder>`")
     try:
         dataset = dataset_kind(data_dir)
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    try:
+        check_val_split(data_dir, args.val_split)
     except (OSError, ValueError) as error:
         raise CommandError(str(error)) from None
     run_dir = Path(args.out).expanduser()

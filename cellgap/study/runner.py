@@ -3,7 +3,8 @@
 A run goes through three stages in its encoder's bundle — train, select (:mod:`.selection`), evaluate — and
 ``cell.json`` is written atomically after each.  A run that raises is recorded as ``"failed"`` and the grid
 goes on; a rerun skips runs done with unchanged settings, resumes a run interrupted after training at the
-selection stage and restarts anything else cleanly.  Each run holds its folder's lock while it runs; under
+selection stage, a run interrupted during training from its last epoch's ``models/last.pt``, and restarts
+anything else cleanly.  Each run holds its folder's lock while it runs; under
 ``torchrun`` each rank runs its share of the runs.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_json
+from ..checkpoint import LAST
 from ..encoders import get_encoder_spec
 from ..locking import OutputLockedError, output_lock
 from .bundles import bundle_root, error_chain, quiet_warnings, run_bundle, run_overrides
@@ -79,8 +81,12 @@ def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, p
     if previous:
         history.append({k: previous.get(k) for k in ("status", "attempt", "started", "finished", "fingerprint")}
                        | {"error": (previous.get("error") or {}).get("message")})
+    # a training stopped part-way (killed, or failed after an epoch) under the same settings continues from its
+    # resume state: the bundle's TrainingCheckpoints loads models/last.pt (resume is on by default)
+    resume_train = bool(not reuse_train and resume and previous and previous.get("fingerprint") == fingerprint
+                        and not prev_stages.get("train", {}).get("done") and (run_folder / "models" / LAST).is_file())
     if not reuse_train:
-        for sub in ("models", "runs", "select_val", "eval_test"):
+        for sub in ("select_val", "eval_test") if resume_train else ("models", "runs", "select_val", "eval_test"):
             shutil.rmtree(run_folder / sub, ignore_errors=True)
     weights = plan.encoder_weights[encoder]
     record = {
@@ -115,11 +121,14 @@ def _run_one(plan: StudyPlan, study_dir: Path, split: SplitSpec, encoder: str, p
         else:
             stage = "train"
             t = time.time()
-            run_bundle(root, ["train.json"], overrides)
+            if resume_train:
+                say(f"  train: resuming the interrupted training from {(run_folder / 'models' / LAST).relative_to(study_dir)}")
+                record["stages"]["train"] = {"resumed_from": f"models/{LAST}"}
+            run_bundle(root, ["train.json"], {**overrides, "resume": resume_train})
             if not checkpoint.is_file():
                 raise RuntimeError(f"training finished without writing {checkpoint} (did a validation epoch run?)")
             record["timings"]["train_s"] = round(time.time() - t, 2)
-            record["stages"]["train"] = {"done": True, "finished": now()}
+            record["stages"]["train"] = {**record["stages"].get("train", {}), "done": True, "finished": now()}
             write_json(path, record)
 
         stage = "select"
