@@ -3,7 +3,7 @@ on its own checkpoint, so ``cellgap segment`` and the bundle are one engine::
 
     python -m monai.bundle run --config_file configs/segment.json --input "['slides/']" --out runs/segment
 
-The bundle renderer (cellgap/bundle.py) writes :func:`segment_config` as ``configs/segment.json``.
+The bundle renderer (cellgap/bundle/render.py) writes :func:`segment_config` as ``configs/segment.json``.
 """
 
 from __future__ import annotations
