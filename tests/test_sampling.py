@@ -145,7 +145,12 @@ def test_bad_arguments_name_the_field():
         oversampling_weights(COUNTS, clip_percentile=0)
     with pytest.raises(ValueError, match="num_samples"):
         ClassBalancedSampler(COUNTS, num_samples=0)
-    with pytest.raises(ValueError, match="num_samples"):
-        ClassBalancedSampler(COUNTS, replacement=False, num_samples=11)
     with pytest.raises(ValueError, match="rank"):
         ClassBalancedSampler(COUNTS, num_replicas=2, rank=2)
+
+
+def test_more_draws_than_tiles_without_replacement_are_whole_permutations():
+    """Every tile once per pass, as a re-iterated shuffled loader (a few images, a long epoch)."""
+    draw = list(ClassBalancedSampler(COUNTS, balance=False, replacement=False, num_samples=25, seed=3))
+    assert len(draw) == 25
+    assert sorted(draw[:10]) == sorted(draw[10:20]) == list(range(10)) and len(set(draw[20:])) == 5

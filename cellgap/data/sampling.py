@@ -142,7 +142,8 @@ class ClassBalancedSampler(Sampler[int]):
         multipliers, clip_percentile: see :func:`oversampling_weights` (:data:`OVERSAMPLING_PRESETS`).
         num_samples: indices per epoch over all replicas; default: the oversampled list's length
             (round of the summed weights), N when not balanced.
-        replacement: draw with replacement (the reference does); False needs num_samples ≤ N.
+        replacement: draw with replacement (the reference does); without it, more draws than tiles are whole
+            permutations one after another (every tile once per pass, as a re-iterated shuffled loader).
         seed: the draw of epoch e uses seed + e; the epoch advances at every iteration unless
             :meth:`set_epoch` sets it (the DistributedSampler convention).
         num_replicas, rank: for data-parallel training every rank makes the same draw and keeps
@@ -164,8 +165,6 @@ class ClassBalancedSampler(Sampler[int]):
             num_samples = int(round(weights.sum()))
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
             raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
-        if not replacement and num_samples > tiles:
-            raise ValueError(f"num_samples: {num_samples} draws without replacement need at least as many tiles, have {tiles}")
         if isinstance(num_replicas, bool) or not isinstance(num_replicas, (int, np.integer)) or num_replicas < 1:
             raise ValueError(f"num_replicas: expected a positive integer, got {num_replicas!r}")
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
@@ -206,9 +205,13 @@ class ClassBalancedSampler(Sampler[int]):
         total = per_rank * self.num_replicas
         if self.replacement:
             draw = torch.multinomial(self.weights, total, replacement=True, generator=generator)
-        else:
+        elif self.num_samples <= len(self.weights):
             draw = torch.multinomial(self.weights, self.num_samples, replacement=False, generator=generator)
             draw = torch.cat([draw, draw[: total - self.num_samples]])  # pad so every rank gets as many
+        else:  # more draws than tiles: whole permutations one after another, each tile once per pass
+            passes = math.ceil(total / len(self.weights))
+            draw = torch.cat([torch.multinomial(self.weights, len(self.weights), replacement=False, generator=generator)
+                              for _ in range(passes)])[:total]
         return iter(draw[self.rank :: self.num_replicas].tolist())
 
 
@@ -218,9 +221,9 @@ def training_sampler(datalist: Sequence[Mapping], batch_size: int, epoch_length:
     """The training loader's sampler: ``epoch_length`` full batches per epoch whatever the dataset's size.
 
     ``epoch_length`` None: one pass over the tiles (``len // batch_size`` batches, at least one), or the
-    oversampled list's length when ``balanced``. Fewer tiles than the epoch needs are drawn with
-    replacement (a single large image gives every crop of the epoch); otherwise a seeded permutation
-    (uniform) or :func:`oversampling_weights` draws (``balanced``, with ``preset``'s multipliers from
+    oversampled list's length when ``balanced``. Fewer tiles than the epoch needs are drawn again in
+    further seeded permutations (a single large image gives every crop of the epoch; every tile is seen once
+    per pass, as a re-iterated shuffled loader would); otherwise a seeded permutation (uniform) or :func:`oversampling_weights` draws (``balanced``, with ``preset``'s multipliers from
     :data:`OVERSAMPLING_PRESETS`). The draw is a multiple of ``batch_size``, so the loader's
     ``drop_last`` never drops a batch: an epoch never runs zero steps.
     """
@@ -241,7 +244,7 @@ def training_sampler(datalist: Sequence[Mapping], batch_size: int, epoch_length:
     steps = int(epoch_length) if epoch_length is not None else max(1, per_epoch // int(batch_size))
     draws = steps * int(batch_size)
     return ClassBalancedSampler(counts, balance=bool(balanced), num_samples=draws,
-                                replacement=bool(balanced) or draws > tiles, seed=seed, **options)
+                                replacement=bool(balanced), seed=seed, **options)
 
 
 __all__ = [
