@@ -156,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
-    from .study import add_study_arguments, run_study_from_args
+    from .study import add_study_arguments
+    from .study.options import run_and_report
 
     study = sub.add_parser("study", help="run the encoders × splits study grid and write its results (docs/study.md)")
     add_study_arguments(study)
-    study.set_defaults(func=run_study_from_args)
+    study.set_defaults(func=run_and_report)
     from .slide import command as segment_command
 
     segment = sub.add_parser("segment", help="segment and classify every cell of whole slides or images (docs/slides.md)")

@@ -21,25 +21,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from cellgap.study import StudyReport, add_study_arguments, run_study_from_args
+from cellgap.study import add_study_arguments
+from cellgap.study.options import run_and_report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arguments(parser)
-    args = parser.parse_args(argv)
-    outcome = run_study_from_args(args)
-    if isinstance(outcome, StudyReport) and (outcome.failed or outcome.busy):
-        if outcome.failed:
-            print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; see {Path(outcome.results_dir) / 'runs.md'}",
-                  file=sys.stderr)
-        if outcome.busy:
-            print(f"{len(outcome.busy)} run(s) held by another job, not run here: {', '.join(outcome.busy)}", file=sys.stderr)
-        return 1
-    return 0
+    return run_and_report(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -187,13 +187,11 @@ def run_study_from_args(args: argparse.Namespace) -> StudyReport | Path | list:
     return run_study(**kwargs, resume=not args.no_resume, only=args.only, rerun_changed=args.rerun_changed)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m cellgap.study") -> int:
-    """``python -m cellgap.study`` (and under ``torchrun``): 0 when every chosen run finished, 1 when one failed or
-    another job held it, 2 for options that cannot run (named in the message)."""
+def run_and_report(args: argparse.Namespace) -> int:
+    """Run the study the parsed options describe and report as a command line does: 0 when every chosen run
+    finished, 1 when one failed or another job held it, 2 for options that cannot run (named in the message)."""
     from ..locking import OutputLockedError
 
-    parser = add_study_arguments(argparse.ArgumentParser(prog=prog, description="the encoders × splits study (docs/study.md)"))
-    args = parser.parse_args(argv)
     try:
         outcome = run_study_from_args(args)
     except (ValueError, FileNotFoundError, OutputLockedError) as e:
@@ -207,3 +205,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m cellgap.study") -
             print(f"{len(outcome.busy)} run(s) held by another job, not run here: {', '.join(outcome.busy)}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m cellgap.study") -> int:
+    """``python -m cellgap.study`` (and under ``torchrun``); exit status as :func:`run_and_report`."""
+    parser = add_study_arguments(argparse.ArgumentParser(prog=prog, description="the encoders × splits study (docs/study.md)"))
+    return run_and_report(parser.parse_args(argv))
