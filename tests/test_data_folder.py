@@ -180,3 +180,11 @@ def test_nifti_stored_transposed_gets_a_hint(tmp_path):
     (raw / "labels" / "tile_000.tif").unlink()
     nib.save(nib.Nifti1Image(np.zeros((48, 32), np.int16), np.eye(4)), str(raw / "labels" / "tile_000.nii.gz"))
     fails_alone(raw, tmp_path, "tile_000", r"label shape \(48, 32\) does not match image \(32, 48\).*first axis must be rows")
+
+
+def test_a_few_images_without_a_split_file_all_train(tmp_path, capsys):
+    """A seeded 80/20 then 90/10 split of two images would leave nothing to train on."""
+    raw = write_folder(tmp_path / "raw", n_images=2, size=64, seed=0, classes=None)
+    out = folder.convert(raw, tmp_path / "out", progress=False, magnification=40)
+    assert [row["split"] for row in read_manifest(out)] == ["train", "train"]
+    assert "too few for a seeded train/val/test split" in capsys.readouterr().out

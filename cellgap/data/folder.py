@@ -12,7 +12,8 @@
                                                 (checked by type; arguments override it)
 
 Without ``classes/`` the dataset has one class.  Without a split file a seeded split is generated
-(the CISCA procedure: 80/20 then 90/10, stratified by tissue when a tissue is given).  Images
+(the CISCA procedure: 80/20 then 90/10, stratified by tissue when a tissue is given); fewer than
+:data:`SEEDED_SPLIT_MIN_IMAGES` images all go to train, where ``cellgap train`` holds validation tiles out.  Images
 larger than the network tile are kept whole (training takes random crops); ``tile_size`` adds
 non-overlapping tiles for validation/test as for CytoDArk0.  One file that cannot be converted does not stop
 the others (see :func:`convert`).
@@ -223,6 +224,10 @@ def _classes_from_csv(path: Path, label: np.ndarray, class_names: Sequence[str])
     return lut[label]
 
 
+# Below this many images a folder without split.csv goes to train whole (cellgap train holds out validation tiles).
+SEEDED_SPLIT_MIN_IMAGES = 5
+
+
 def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
             magnification: float | None = None, mpp: float | None = None, name: str | None = None,
             min_cell_size: int | None = None, empty_policy: str | None = None, stain_kind: str | None = None,
@@ -286,6 +291,11 @@ def convert(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, class_names:
         protocol = "given"
     elif split_csv is not None:
         raise FileNotFoundError(f"{split_path}: split file missing")
+    elif len(names) < SEEDED_SPLIT_MIN_IMAGES:  # 80/20 then 90/10 of so few images would leave nothing to train on
+        split = np.full(len(names), "train")
+        protocol = "seeded"
+        print(f"{raw_dir}: {len(names)} images, too few for a seeded train/val/test split: all train (training holds "
+              f"tiles out of them for validation); give a split.csv to keep a test image apart", flush=True)
     else:
         split = splitting.cisca_split([tissue[n] for n in names], seed=seed)
         protocol = "seeded"
