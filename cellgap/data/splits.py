@@ -310,10 +310,12 @@ def _cut_validation_strip(item: Mapping, out: Path, side: int, crop: int, rng: n
     elif height >= side + crop and width >= side:
         axis = 0
     else:
+        smaller_crop = max(height, width) - side >= 32 and min(height, width) >= side  # a crop of ≥ 32 px would fit
         raise ValueError(
             f"{item['image']}: {height}×{width} is too small to hold out a {side}² validation tile and keep a {crop}² "
-            f"training crop (no {val_split!r} split in the dataset); add a {val_split!r} split (split.csv), train "
-            f"with a smaller --crop, or train without validation (--no-val)")
+            f"training crop (no {val_split!r} split in the dataset); add a {val_split!r} split (split.csv), "
+            + ("train with a smaller --crop, " if smaller_crop else "")
+            + "or train without validation (--no-val)")
     length = image.shape[axis]
     at_end = bool(rng.integers(2))
     strip = slice(length - side, length) if at_end else slice(0, side)
