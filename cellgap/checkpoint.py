@@ -32,6 +32,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
 
+from .decoder import DEFAULT_DECODER
 from .locking import acquire, release
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ MODEL = "model.pt"
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
 RANDOM = "random"
-DEFAULT_DECODER = {"widths": [64, 64, 64, 128, 256, 512], "head_features": 256, "head_width": 32, "norm": None}
 _hashes: dict[tuple, str] = {}  # (path, size, mtime) → sha256: a weights file is hashed once per process
 
 

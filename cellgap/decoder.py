@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 STRIDES = (1, 2, 4, 8, 16, 32)  # decoder levels; encoder taps feed strides 4..32, the stem feeds 1 and 2
+# The study's decoder: the bundles' default ``decoder`` option, and what a checkpoint without its own config was built with.
+DEFAULT_DECODER = {"widths": [64, 64, 64, 128, 256, 512], "head_features": 256, "head_width": 32, "norm": None}
 
 
 def _norm(kind: str | None, channels: int) -> nn.Module:

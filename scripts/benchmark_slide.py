@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellgap.checkpoint import DEFAULT_DECODER as BUNDLE_DEFAULT_DECODER  # noqa: E402
 from cellgap.cli import DEMO_DECODER, DEMO_ENCODER  # noqa: E402
+from cellgap.decoder import DEFAULT_DECODER as BUNDLE_DEFAULT_DECODER  # noqa: E402
 from cellgap.network import CellGapNet  # noqa: E402
 from cellgap.slide.run import LoadedModel, SlideOptions, postprocess_pool, segment_slide  # noqa: E402
 from cellgap.slide.synthetic import StainThresholdNet, synthetic_slide, write_slide  # noqa: E402

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .. import __version__
 from ..data.registry import DATASETS
+from ..decoder import DEFAULT_DECODER
 from ..encoders import EncoderSpec
 
 # --------------------------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ def _common(spec: EncoderSpec) -> dict:
         "reduced_encoder": False,
         "num_contour_classes": 3,
         "num_distance_maps": 4,
-        "decoder": {"widths": [64, 64, 64, 128, 256, 512], "head_features": 256, "head_width": 32, "norm": None},
+        "decoder": dict(DEFAULT_DECODER),
         "tile_size": 256,
         "sw_batch_size": 8,
         "amp_kwargs": {"dtype": "$torch.bfloat16"},
