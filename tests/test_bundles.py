@@ -18,6 +18,7 @@ from cellgap.bundle import PINNED, bundle_name, render_bundle
 from cellgap.data.device_augmentation import BatchPhotometricAugmentation
 from cellgap.encoders import DEMO_ENCODER, ENCODERS
 from cellgap.targets import BACKGROUND_WEIGHT
+from cellgap.testing.errors import message_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "bundles" / bundle_name(DEMO_ENCODER)
@@ -48,14 +49,6 @@ def _common(tmp: Path, **extra) -> dict:
             "num_workers": 0, "synthetic": {"n_train": 4, "n_val": 2, "n_test": 2, "seed": 0, "magnification": 40, "size": 64},
             **extra}
 
-
-def _chain(error: BaseException) -> str:
-    """Every message of an exception chain (MONAI wraps the cause in 'Failed to evaluate ...')."""
-    texts = []
-    while error is not None:
-        texts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(texts)
 
 
 def _quiet_run(configs, **overrides):
@@ -130,7 +123,7 @@ def test_inference_rejects_an_image_stack(trained, tmp_path):
     common = {k: v for k, v in _common(trained).items() if k not in ("dataset_dir", "synthetic", "num_workers")}
     with pytest.raises(Exception) as info:
         _quiet_run(["inference.json"], input_dir=str(inputs), **{**common, "output_dir": str(tmp_path / "out")})
-    assert re.search(r"grey\.tif.*RGB composite", _chain(info.value))
+    assert re.search(r"grey\.tif.*RGB composite", message_chain(info.value))
 
 
 def test_a_checkpoint_for_another_encoder_is_refused(trained, tmp_path):
@@ -141,7 +134,7 @@ def test_a_checkpoint_for_another_encoder_is_refused(trained, tmp_path):
     overrides = {**_common(trained), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "runs")}
     with pytest.raises(Exception) as info:
         _quiet_run(["train.json", "evaluate.json"], eval_split="test", bootstrap=0, **overrides)
-    assert "encoder: checkpoint has 'uni'" in _chain(info.value)
+    assert "encoder: checkpoint has 'uni'" in message_chain(info.value)
 
 
 def test_bundle_properties_are_complete(trained, tmp_path):
@@ -160,7 +153,7 @@ def test_missing_checkpoint_says_how_to_get_one(tmp_path):
     overrides = {**_common(tmp_path), "ckpt_dir": str(tmp_path / "no_models")}
     with pytest.raises(Exception) as info:
         _quiet_run(["train.json", "evaluate.json"], eval_split="test", bootstrap=0, **overrides)
-    text = _chain(info.value)
+    text = message_chain(info.value)
     assert "model.pt: missing" in text and "train the bundle first" in text
 
 
@@ -245,4 +238,4 @@ def test_photometric_steps_on_the_device_need_cache_mode_off(tmp_path):
     overrides = _common(tmp_path, photometric_on_device=True, cache_mode="clean", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(Exception) as info:
         _quiet_run(["train.json"], epochs=1, epoch_length=1, batch_size=2, **overrides)
-    assert "need cache_mode 'off'" in _chain(info.value)
+    assert "need cache_mode 'off'" in message_chain(info.value)

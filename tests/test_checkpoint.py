@@ -23,6 +23,7 @@ from cellgap.bundle import bundle_name, export_bundle
 from cellgap.checkpoint import LAST, MODEL, PREVIOUS, load_network, read_checkpoint, save_atomically
 from cellgap.cli import DEMO_DECODER
 from cellgap.encoders import DEMO_ENCODER
+from cellgap.testing.errors import message_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / bundle_name(DEMO_ENCODER) / "configs"
@@ -53,13 +54,6 @@ def trained(tmp_path_factory):
     _train(tmp)
     return tmp
 
-
-def _chain(error: BaseException) -> str:
-    texts = []
-    while error is not None:
-        texts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(texts)
 
 
 def test_the_checkpoint_carries_everything_to_rebuild_the_network(trained):
@@ -240,7 +234,7 @@ def test_decoder_shapes_that_do_not_fit_name_the_file_and_the_fix(trained, tmp_p
     with pytest.raises(Exception) as info:  # an architecture override that contradicts the checkpoint
         _run(["inference.json"], **{**common, "input_dir": str(tmp_path), "output_dir": str(tmp_path / "out"),
                                     "decoder": {**TINY, "widths": [8, 8, 8, 16, 16, 32]}})
-    assert f"checkpoint {trained / 'models' / MODEL} does not fit" in _chain(info.value) and "decoder:" in _chain(info.value)
+    assert f"checkpoint {trained / 'models' / MODEL} does not fit" in message_chain(info.value) and "decoder:" in message_chain(info.value)
 
 
 def test_the_exported_bundle_does_not_require_cellgap_from_an_index(trained, tmp_path):
@@ -299,7 +293,7 @@ def test_resume_into_the_folder_of_another_run_is_refused_with_the_reason(traine
     before = {p.name: p.read_bytes() for p in models.iterdir()}
     with pytest.raises(Exception) as info:
         _train(tmp_path, epochs=3, dataset_dir=str(trained / "data"))
-    assert "dataset: 'pannuke' there, 'synthetic' here" in _chain(info.value) and "resume refused" in _chain(info.value)
+    assert "dataset: 'pannuke' there, 'synthetic' here" in message_chain(info.value) and "resume refused" in message_chain(info.value)
     assert {p.name: p.read_bytes() for p in models.iterdir() if not p.name.startswith(".")} == before
 
 
@@ -358,7 +352,7 @@ def test_a_second_training_into_the_same_folder_stops_naming_the_first(tmp_path)
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(Exception) as info:
             _train(tmp_path, epochs=1)
-        assert f"{models}: in use by training (pid {holder.pid}" in _chain(info.value)
+        assert f"{models}: in use by training (pid {holder.pid}" in message_chain(info.value)
         assert [p.name for p in models.iterdir()] == [".cellgap.lock"]  # the first run's folder untouched
     finally:
         holder.kill()

@@ -16,8 +16,9 @@ from PIL import Image
 from cellgap.bundle import bundle_name
 from cellgap.checkpoint import CheckpointMeta, checkpoint_objects
 from cellgap.encoders import DEMO_ENCODER
-from cellgap.inference import BatchFailures, TilePaddingInferer
+from cellgap.inference import TilePaddingInferer
 from cellgap.network import CellGapNet
+from cellgap.testing.errors import message_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / bundle_name(DEMO_ENCODER) / "configs"
@@ -39,16 +40,6 @@ def model(tmp_path_factory) -> Path:
     return folder
 
 
-def _chain(error: BaseException) -> str:
-    """The messages of an exception chain, checked to hold a BatchFailures."""
-    texts, kinds = [], []
-    while error is not None:
-        texts.append(str(error))
-        kinds.append(type(error))
-        error = error.__cause__ or error.__context__
-    assert BatchFailures in kinds, texts
-    return "\n".join(texts)
-
 
 def _infer(model: Path, inputs: Path, out: Path):
     with warnings.catch_warnings():
@@ -68,7 +59,7 @@ def test_one_bad_file_is_named_and_the_others_are_written(model, tmp_path, capfd
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
     with pytest.raises(Exception) as info:  # MONAI's bundle runner wraps it: a non-zero exit
         _infer(model, inputs, tmp_path / "out")
-    assert "1 of 5 file(s) could not be processed: broken.png (" in _chain(info.value)
+    assert "1 of 5 file(s) could not be processed: broken.png (" in message_chain(info.value)
     assert f"FAILED {inputs / 'broken.png'}: " in capfd.readouterr().err
     for name, shape in sizes.items():  # the small ones too: a (possibly empty) result of their own size
         assert tifffile.imread(tmp_path / "out" / f"{name}_instances.tif").shape == shape
@@ -86,7 +77,7 @@ def test_an_image_above_the_decompression_bomb_limit_is_named_with_the_fix(model
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # "huge" is then 9.8 × the limit, as a slide would be
     with pytest.raises(Exception) as info:
         _infer(model, inputs, tmp_path / "out")
-    assert re.search(r"huge\.png \(.*cellgap segment.*MAX_IMAGE_PIXELS", _chain(info.value))
+    assert re.search(r"huge\.png \(.*cellgap segment.*MAX_IMAGE_PIXELS", message_chain(info.value))
     assert (tmp_path / "out" / "fine_instances.tif").is_file()
 
 
